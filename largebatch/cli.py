@@ -1,0 +1,20 @@
+"""The entry points' common body: parse, run, and turn failures into one-line errors."""
+from __future__ import annotations
+
+import sys
+
+from .config import UsageError, parse_config
+
+
+def main(entry: str, argv: list[str] | None = None) -> int:
+    prog = "pytorch_imagenet_resnet_dali.py" if entry == "dali" else "pytorch_imagenet_resnet.py"
+    try:
+        cfg = parse_config(argv, entry)
+        from .job import run  # torch/horovod import after the flags are known to be good
+        return run(cfg, entry)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130

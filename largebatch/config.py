@@ -1,0 +1,296 @@
+"""Command-line flags, parsed once into a typed, validated ``Config``.
+
+Flag names follow the original Horovod + LARS ImageNet trainer so that its users' command
+lines keep working. Everything that can be checked without touching data or starting
+Horovod is checked here, so a bad flag fails in every rank at once, before any work.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    train_dir: Path | None
+    val_dir: Path | None
+    synthetic: bool
+    synthetic_size: int
+    num_classes: int | None
+    image_size: int
+    val_resize: int
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    workers: int
+    # DALI entry only (pytorch_imagenet_resnet_dali.py)
+    data_dir: Path | None
+    data_format: str
+    dali_device: str
+    dali_threads: int
+    dali_prefetch: int
+    label_offset: str
+    # model and optimisation
+    model: str
+    batch_size: int
+    val_batch_size: int
+    batches_per_allreduce: int
+    epochs: int
+    base_lr: float
+    lr_scaling: str
+    lr_schedule: str
+    lr_power: float
+    end_lr: float
+    lr_decay_epochs: tuple[float, ...]
+    warmup_epochs: float
+    momentum: float
+    wd: float
+    epsilon: float
+    lars_eta: float
+    trust_clip: float | None
+    label_smoothing: float
+    base_op: str
+    bn_bias_separately: bool
+    # distribution
+    fp16_allreduce: bool
+    use_adasum: bool
+    gradient_predivide_factor: float
+    no_cuda: bool
+    seed: int
+    # output
+    log_dir: Path
+    checkpoint_format: str
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: str
+    print_freq: int
+    progress: str
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.batches_per_allreduce
+
+    def lr(self, world_size: int) -> float:
+        """The peak learning rate after --lr-scaling for this many processes."""
+        factor = world_size * self.batches_per_allreduce
+        if self.lr_scaling == "linear":
+            return self.base_lr * factor
+        if self.lr_scaling == "sqrt":
+            # sqrt of the batch factor, not sqrt(lr * N) as the original trainer had it
+            return self.base_lr * math.sqrt(factor)
+        return self.base_lr
+
+    def to_dict(self) -> dict:
+        """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers LOW,HIGH, got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def _epochs_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated epochs, got {text!r}") from None
+    if list(values) != sorted(values) or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be increasing positive epochs, got {text!r}")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so every entry point
+    reports bad flags the same way (one line, exit 2)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser(entry: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"pytorch_imagenet_resnet{'_dali' if entry == 'dali' else ''}.py",
+                description="Large-batch data-parallel ImageNet training with Horovod.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bool_flag = argparse.BooleanOptionalAction
+
+    d = p.add_argument_group("data")
+    if entry == "dali":
+        d.add_argument("--data-dir", type=Path, help="TFRecord layout: train/, validation/, idx_files/ "
+                       "(or an image folder tree with --data-format folder)")
+        d.add_argument("--data-format", choices=["tfrecord", "folder"], default="tfrecord")
+        d.add_argument("--dali-device", choices=["gpu", "cpu"], default="gpu",
+                       help="gpu: decode and augment on the GPU; cpu: the whole pipeline on CPU")
+        d.add_argument("--dali-threads", type=_positive_int, default=4, help="DALI CPU threads per rank")
+        d.add_argument("--dali-prefetch", type=_positive_int, default=2, help="DALI prefetch queue depth")
+        d.add_argument("--label-offset", choices=["auto", "0", "1"], default="auto",
+                       help="subtract this from TFRecord labels; auto: 1 when labels start at 1")
+    else:
+        d.add_argument("--train-dir", type=Path, help="training images, one folder per class")
+        d.add_argument("--val-dir", type=Path, help="validation images, the same class folders")
+    d.add_argument("--synthetic", action="store_true", help="random tensors instead of a data set")
+    d.add_argument("--synthetic-size", type=_positive_int, default=1024,
+                   help="samples per epoch with --synthetic (validation: a quarter of it)")
+    d.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="default: the number of class folders (1000 with --synthetic)")
+    d.add_argument("--image-size", type=_positive_int, default=224, help="training crop size")
+    d.add_argument("--val-resize", type=_positive_int, default=None,
+                   help="validation: resize the shorter side to this, then centre-crop "
+                        "--image-size (default: image-size / 0.875)")
+    d.add_argument("--crop-scale", type=_pair, default=(0.08, 1.0),
+                   help="training crop area, as fractions of the image (random resized crop)")
+    d.add_argument("--crop-ratio", type=_pair, default=(3 / 4, 4 / 3), help="training crop aspect ratios")
+    d.add_argument("--workers", type=_non_negative_int, default=4, help="data loader processes per rank")
+
+    o = p.add_argument_group("model and optimisation")
+    o.add_argument("--model", default="resnet50", help="any torchvision classification model")
+    o.add_argument("--batch-size", type=_positive_int, default=32, help="training batch per process per micro-batch")
+    o.add_argument("--val-batch-size", type=_positive_int, default=32)
+    o.add_argument("--batches-per-allreduce", type=_positive_int, default=1,
+                   help="micro-batches accumulated per optimizer step")
+    o.add_argument("--epochs", type=_positive_int, default=90)
+    o.add_argument("--base-lr", type=_positive_float, default=0.0125)
+    o.add_argument("--lr-scaling", choices=["keep", "linear", "sqrt"], default="keep",
+                   help="scale --base-lr by processes x batches-per-allreduce (linear) or its square root")
+    o.add_argument("--lr-schedule", choices=["poly", "cosine", "step"], default="poly")
+    o.add_argument("--lr-power", type=_positive_float, default=2.0, help="poly schedule exponent")
+    o.add_argument("--end-lr", type=_non_negative_float, default=0.0)
+    o.add_argument("--lr-decay-epochs", type=_epochs_list, default=(30.0, 60.0, 80.0),
+                   help="step schedule: epochs at which the rate drops 10x")
+    o.add_argument("--warmup-epochs", type=_non_negative_float, default=5.0)
+    o.add_argument("--momentum", type=_non_negative_float, default=0.9)
+    o.add_argument("--wd", type=_non_negative_float, default=5e-5, help="weight decay")
+    o.add_argument("--epsilon", type=_non_negative_float, default=1e-5, help="LARS/LAMB epsilon")
+    o.add_argument("--lars-eta", type=_positive_float, default=0.001, help="LARS trust coefficient")
+    o.add_argument("--trust-clip", type=_positive_float, default=None, help="cap on the LARS/LAMB trust ratio")
+    o.add_argument("--label-smoothing", type=_non_negative_float, default=0.0)
+    o.add_argument("--base-op", choices=["sgd", "lars", "lamb"], default="lars")
+    o.add_argument("--bn-bias-separately", action=bool_flag, default=True,
+                   help="no weight decay and no trust ratio for normalisation weights and biases")
+
+    h = p.add_argument_group("distribution")
+    h.add_argument("--fp16-allreduce", action=bool_flag, default=False, help="compress gradients to fp16 for allreduce")
+    h.add_argument("--use-adasum", action=bool_flag, default=False, help="Adasum instead of averaging")
+    h.add_argument("--gradient-predivide-factor", type=_positive_float, default=1.0,
+                   help="divide gradients by this before the allreduce and by size/this after")
+    h.add_argument("--no-cuda", action="store_true", help="train on CPU even where a GPU is present")
+    h.add_argument("--seed", type=int, default=42)
+
+    r = p.add_argument_group("output")
+    r.add_argument("--log-dir", type=Path, default=Path("./logs"),
+                   help="the run directory: TensorBoard events, checkpoints, status")
+    r.add_argument("--checkpoint-format", default="checkpoint-{epoch}.pth.tar",
+                   help="file name in the run directory; {epoch} and {step} are filled in")
+    r.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+                   help="also checkpoint every N optimizer steps (0: only at epoch ends)")
+    r.add_argument("--keep-checkpoints", type=_positive_int, default=3, help="how many checkpoints to keep")
+    r.add_argument("--resume", default="auto",
+                   help="auto: continue from the newest checkpoint in --log-dir; none: start fresh; or a file")
+    r.add_argument("--print-freq", type=_positive_int, default=10, help="optimizer steps between log updates")
+    r.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
+                   help="console progress: a bar on a terminal, lines in a batch log")
+    return p
+
+
+def parse_config(argv: list[str] | None, entry: str = "folder") -> Config:
+    """Parse and validate; raises UsageError with a one-line message."""
+    ns = build_parser(entry).parse_args(argv)
+    values = vars(ns)
+    values.setdefault("train_dir", None)
+    values.setdefault("val_dir", None)
+    for name, default in (("data_dir", None), ("data_format", "folder"), ("dali_device", "cpu"),
+                          ("dali_threads", 4), ("dali_prefetch", 2), ("label_offset", "auto")):
+        values.setdefault(name, default)
+    if values["val_resize"] is None:
+        values["val_resize"] = max(values["image_size"], round(values["image_size"] / 0.875))
+    cfg = Config(**values)
+    _validate(cfg, entry)
+    return cfg
+
+
+def _validate(cfg: Config, entry: str) -> None:
+    if not cfg.synthetic:
+        if entry == "dali":
+            if cfg.data_dir is None:
+                raise UsageError("--data-dir is required (or --synthetic)")
+        elif cfg.train_dir is None or cfg.val_dir is None:
+            raise UsageError("--train-dir and --val-dir are required (or --synthetic)")
+    if cfg.synthetic and (cfg.train_dir or cfg.val_dir or cfg.data_dir):
+        raise UsageError("--synthetic trains on random tensors: drop --train-dir/--val-dir/--data-dir")
+    if cfg.crop_scale[1] > 1:
+        raise UsageError(f"--crop-scale upper bound must be at most 1, got {cfg.crop_scale[1]:g}")
+    if cfg.val_resize < cfg.image_size:
+        raise UsageError(f"--val-resize {cfg.val_resize} is smaller than --image-size {cfg.image_size}")
+    if cfg.warmup_epochs >= cfg.epochs and cfg.lr_schedule != "step":
+        raise UsageError(f"--warmup-epochs {cfg.warmup_epochs:g} must be less than --epochs {cfg.epochs}")
+    if cfg.lr_schedule == "poly" and cfg.end_lr > cfg.base_lr:
+        raise UsageError(f"--end-lr {cfg.end_lr:g} is above --base-lr {cfg.base_lr:g}")
+    if cfg.use_adasum and cfg.gradient_predivide_factor != 1.0:
+        raise UsageError("--gradient-predivide-factor cannot be combined with --use-adasum")
+    if cfg.momentum >= 1:
+        raise UsageError(f"--momentum must be below 1, got {cfg.momentum:g}")
+    if cfg.label_smoothing >= 1:
+        raise UsageError(f"--label-smoothing must be below 1, got {cfg.label_smoothing:g}")
+    if "{epoch" not in cfg.checkpoint_format or "/" in cfg.checkpoint_format.lstrip("./"):
+        raise UsageError("--checkpoint-format must be a file name containing {epoch}, e.g. checkpoint-{epoch}.pth.tar")
+    try:
+        cfg.checkpoint_format.format(epoch=0, step=0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--checkpoint-format {cfg.checkpoint_format!r} is not a valid template ({e})") from None
+    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_file():
+        raise UsageError(f"--resume {cfg.resume}: no such checkpoint file")
+    _validate_model_name(cfg.model)
+
+
+def _validate_model_name(name: str) -> None:
+    import torchvision.models
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        close = [n for n in names if n.startswith(name[:4])][:6]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(f"--model {name!r} is not a torchvision classification model{hint}")

@@ -1,0 +1,120 @@
+"""ImageFolder input (torchvision), tolerant of unreadable images.
+
+A file that cannot be decoded is dropped from its batch, counted, and reported once per
+file by rank-local warnings; the run goes on.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from ..config import Config, UsageError
+from .sampler import TrainShard, ValShard
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(cfg: Config) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def val_transform(cfg: Config) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize(cfg.val_resize),
+        transforms.CenterCrop(cfg.image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class TolerantImageFolder(datasets.ImageFolder):
+    """ImageFolder indexed by ``(index, sample_seed)``; returns ``None`` for the image when
+    the file cannot be read, with the path and reason, instead of raising."""
+
+    def __getitem__(self, item):
+        index, seed = item
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+            # Seeding per sample makes augmentation independent of which worker reads it.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image), target, None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+            return None, target, f"{path} ({type(e).__name__}: {e})"
+
+
+def _collate(items):
+    good = [(x, y) for x, y, bad in items if bad is None]
+    bad = [b for _, _, b in items if b is not None]
+    if not good:
+        return None, None, bad
+    images, labels = zip(*good)
+    return torch.stack(images), torch.tensor(labels), bad
+
+
+def _open(root: Path | None, flag: str, transform) -> TolerantImageFolder:
+    if root is None or not root.is_dir():
+        raise UsageError(f"{flag} {root}: no such directory")
+    try:
+        return TolerantImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"{flag} {root}: {str(e).splitlines()[0]}") from None
+
+
+class FolderInput:
+    """Training and validation batches from two ImageFolder trees."""
+
+    def __init__(self, cfg: Config, rank: int, size: int, device: torch.device):
+        self.cfg, self.rank, self.size, self.device = cfg, rank, size, device
+        self.train_set = _open(cfg.train_dir, "--train-dir", train_transform(cfg))
+        self.val_set = _open(cfg.val_dir, "--val-dir", val_transform(cfg))
+        if self.train_set.classes != self.val_set.classes:
+            only_train = sorted(set(self.train_set.classes) - set(self.val_set.classes))[:3]
+            only_val = sorted(set(self.val_set.classes) - set(self.train_set.classes))[:3]
+            raise UsageError(f"--val-dir classes differ from --train-dir classes "
+                             f"(only in train: {only_train or '-'}, only in val: {only_val or '-'})")
+        self.num_classes = len(self.train_set.classes)
+        if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
+            raise UsageError(f"--num-classes {cfg.num_classes} but {cfg.train_dir} has {self.num_classes} class folders")
+        per_rank = len(self.train_set) // size
+        self.batches_per_epoch = per_rank // cfg.batch_size
+        needed = cfg.batch_size * cfg.batches_per_allreduce * size
+        if self.batches_per_epoch < cfg.batches_per_allreduce:
+            raise UsageError(f"--batch-size {cfg.batch_size} x --batches-per-allreduce {cfg.batches_per_allreduce} "
+                             f"x {size} processes needs {needed} training images; {cfg.train_dir} has {len(self.train_set)}")
+        self.bad_files: set[str] = set()
+
+    def train(self, epoch: int, start_batch: int = 0):
+        sampler = TrainShard(len(self.train_set), self.rank, self.size, self.cfg.seed, epoch,
+                             start=start_batch * self.cfg.batch_size)
+        return self._batches(self.train_set, sampler, self.cfg.batch_size, drop_last=True)
+
+    def val(self):
+        sampler = ValShard(len(self.val_set), self.rank, self.size)
+        return self._batches(self.val_set, sampler, self.cfg.val_batch_size, drop_last=False)
+
+    def _batches(self, dataset, sampler, batch_size: int, drop_last: bool):
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                            num_workers=self.cfg.workers, collate_fn=_collate,
+                            pin_memory=self.device.type == "cuda")
+        for images, labels, bad in loader:
+            for report in bad:
+                path = report.split(" (")[0]
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    print(f"warning: skipping unreadable image {report}", file=sys.stderr, flush=True)
+            if images is not None:
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+            yield images, labels

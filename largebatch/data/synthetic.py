@@ -1,0 +1,30 @@
+"""Random tensors shaped like the real input: for smoke tests, benchmarks, and class
+counts no data set has (1M classes). Nothing to decode, so it measures the model alone."""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+
+
+class SyntheticInput:
+    def __init__(self, cfg: Config, rank: int, size: int, device: torch.device):
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes or 1000
+        self.batches_per_epoch = cfg.synthetic_size // size // cfg.batch_size
+        self.val_batches = max(1, cfg.synthetic_size // 4 // size // cfg.val_batch_size)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+        # A small pool, reused: generating fresh tensors every step would time the RNG.
+        shape = (4, cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+        self.images = torch.randn(shape, generator=g).to(device)
+        self.labels = torch.randint(0, self.num_classes, shape[:2], generator=g).to(device)
+        self.bad_files: set[str] = set()
+
+    def train(self, epoch: int, start_batch: int = 0):
+        for i in range(start_batch, self.batches_per_epoch):
+            yield self.images[i % 4], self.labels[i % 4]
+
+    def val(self):
+        n = self.cfg.val_batch_size
+        for i in range(self.val_batches):
+            yield self.images[i % 4][:n], self.labels[i % 4][:n]

@@ -1,0 +1,135 @@
+"""Everything the job asks of the distributed engine, and the only module that imports it.
+
+Today the engine is Horovod (over MPI or Gloo). The training loop talks to a ``Dist``
+object, so a second engine (torch.distributed, say) means a second class here, not edits
+across the loop.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+class EngineError(RuntimeError):
+    """Horovod is missing or was built without something the run asks for."""
+
+
+@dataclass
+class Dist:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # --- start-up -----------------------------------------------------------------------
+    @classmethod
+    def init(cls) -> "Dist":
+        hvd = _horovod()
+        hvd.init()
+        return cls(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+    def shutdown(self) -> None:
+        _horovod().shutdown()
+
+    def broadcast_model(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers.
+
+        The optimizer is deliberately not broadcast here: a fresh optimizer has no state,
+        and Horovod's broadcast_optimizer_state runs a dummy step() to create some, which
+        with weight decay moves the weights. Resumed state travels with broadcast_object.
+        """
+        _horovod().broadcast_parameters(model.state_dict(), root_rank=0)
+
+    def broadcast_object(self, obj, name: str = "object"):
+        return _horovod().broadcast_object(obj, root_rank=0, name=name)
+
+    def allgather_object(self, obj, name: str = "object") -> list:
+        return _horovod().allgather_object(obj, name=name)
+
+    # --- collectives on tensors ----------------------------------------------------------
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        hvd = _horovod()
+        return hvd.allreduce(tensor, op=hvd.Sum, name=name)
+
+    def allreduce_max(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        hvd = _horovod()
+        return hvd.allreduce(tensor, op=hvd.Max, name=name)
+
+    def allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Concatenate along dim 0 across ranks; differentiable (the backward pass
+        returns each rank its own slice of the summed gradient)."""
+        return _horovod().allgather(tensor, name=name)
+
+    def barrier(self) -> None:
+        _horovod().barrier()
+
+    # --- the optimizer --------------------------------------------------------------------
+    def distributed_optimizer(self, optimizer, model, *, backward_passes_per_step: int,
+                              fp16_allreduce: bool, adasum: bool, predivide: float,
+                              exclude: set[str] | frozenset[str] = frozenset()):
+        """Wrap an optimizer so that gradients are averaged across ranks every
+        ``backward_passes_per_step`` backward passes.
+
+        Parameters named in ``exclude`` are left out of the allreduce: each rank owns
+        its own copy (the shards of a model-parallel layer).
+        """
+        hvd = _horovod()
+        named = [(n, p) for n, p in model.named_parameters() if n not in exclude]
+        return hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=named,
+            compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
+            backward_passes_per_step=backward_passes_per_step,
+            op=hvd.Adasum if adasum else hvd.Average,
+            gradient_predivide_factor=predivide,
+        )
+
+    def sync_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Replace every BatchNorm layer with Horovod's synchronised one."""
+        hvd = _horovod()
+
+        def convert(module):
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                new = hvd.SyncBatchNorm(module.num_features, module.eps, module.momentum,
+                                        module.affine, module.track_running_stats)
+                if module.affine:
+                    new.weight.data.copy_(module.weight.data)
+                    new.bias.data.copy_(module.bias.data)
+                if module.track_running_stats:
+                    new.running_mean.copy_(module.running_mean)
+                    new.running_var.copy_(module.running_var)
+                    new.num_batches_tracked.copy_(module.num_batches_tracked)
+                return new
+            for child_name, child in module.named_children():
+                module.add_module(child_name, convert(child))
+            return module
+
+        return convert(model)
+
+    def start_timeline(self, path: str) -> None:
+        _horovod().start_timeline(path, mark_cycles=False)
+
+    def stop_timeline(self) -> None:
+        _horovod().stop_timeline()
+
+    def nccl_built(self) -> bool:
+        return bool(_horovod().nccl_built())
+
+
+def _horovod():
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:
+        raise EngineError(f"Horovod is not installed in this environment ({e}); run `make setup`") from None
+    return hvd
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher or horovodrun started this process."""
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK"))

@@ -1,0 +1,210 @@
+"""Build everything a run needs from its Config, then hand it to the training loop.
+
+The order matters and is the one place where it is spelled out: distribution, device,
+run directory, data, model, optimizer (wrapped by Horovod), schedule, then either the
+checkpoint's state or rank 0's fresh weights, then the loop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+import lars
+import schedulers
+
+from . import checkpoint
+from .config import Config, UsageError
+from .dist import Dist
+from .logs import Board, Console
+from .model import build_model
+from .precision import Precision
+from .stop import StopRequest
+from .train import Position, train
+
+
+def run(cfg: Config, entry: str) -> int:
+    stop = StopRequest()
+    dist = Dist.init()
+    device = pick_device(cfg, dist)
+    prepare_run_dir(cfg.log_dir, dist)
+    data = build_input(cfg, entry, dist, device)
+    console = Console(dist.is_main, cfg.progress)
+    console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(dist.size)},
+                   world=f"{dist.size} process(es), device {device}, global batch "
+                         f"{cfg.batch_size * cfg.batches_per_allreduce * dist.size}")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, before the broadcast
+    model = build_model(cfg.model, data.num_classes).to(device)
+    precision = Precision(device)
+    optimizer = dist.distributed_optimizer(
+        build_optimizer(cfg, model, cfg.lr(dist.size)), model,
+        backward_passes_per_step=cfg.batches_per_allreduce, fp16_allreduce=cfg.fp16_allreduce,
+        adasum=cfg.use_adasum, predivide=cfg.gradient_predivide_factor)
+    steps_per_epoch = data.batches_per_epoch // cfg.batches_per_allreduce
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+
+    start = restore(cfg, dist, model, optimizer, scheduler, precision)
+    torch.manual_seed(cfg.seed + dist.rank)  # ranks differ from here on (dropout, say)
+    if start.epoch >= cfg.epochs:
+        console.print(f"{cfg.log_dir} already finished its {cfg.epochs} epochs; nothing to do "
+                      f"(a new run needs a new --log-dir)")
+        return 0
+
+    board = Board(cfg.log_dir, dist.is_main, purge_step=start.step + 1 if start.step else None)
+
+    def save(pos: Position, epoch_end: bool) -> None:
+        rng = dist.allgather_object(torch.get_rng_state(), name="rng")  # collective: every rank
+        if dist.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
+                     "epoch": pos.epoch, "step": pos.step, "epoch_step": pos.epoch_step, "rng": rng,
+                     "world_size": dist.size, "args": cfg.to_dict(), "version": checkpoint.VERSION}
+            path = checkpoints(cfg).save(state, epoch_end)
+            write_status(cfg.log_dir, "running", pos, path)
+            board.flush()
+
+    result = train(cfg, dist, data, model, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                   optimizer, scheduler, precision, save, console, board, stop, start)
+    if dist.is_main:
+        latest = checkpoints(cfg).latest()
+        write_status(cfg.log_dir, result, None, latest)
+        console.print(f"{result}: run directory {cfg.log_dir} (TensorBoard: tensorboard --logdir {cfg.log_dir})")
+    board.close()
+    if data.bad_files:
+        print(f"warning: rank {dist.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
+    return 0
+
+
+def pick_device(cfg: Config, dist: Dist) -> torch.device:
+    if cfg.no_cuda or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def prepare_run_dir(log_dir: Path, dist: Dist) -> None:
+    """Create the run directory and prove it writable, on rank 0, and tell every rank."""
+    problem = ""
+    if dist.is_main:
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            probe = log_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            problem = f"--log-dir {log_dir} is not writable ({e.strerror or e})"
+    problem = dist.broadcast_object(problem, name="run_dir_check")
+    if problem:
+        raise UsageError(problem)
+
+
+def build_input(cfg: Config, entry: str, dist: Dist, device: torch.device):
+    """Every rank opens the data; a problem found by any rank stops all of them."""
+    problem, data = "", None
+    try:
+        if cfg.synthetic:
+            from .data.synthetic import SyntheticInput
+            data = SyntheticInput(cfg, dist.rank, dist.size, device)
+        elif entry == "dali":
+            from .data.dali import DaliInput
+            data = DaliInput(cfg, dist.rank, dist.size, device)
+        else:
+            from .data.folder import FolderInput
+            data = FolderInput(cfg, dist.rank, dist.size, device)
+    except UsageError as e:
+        problem = str(e)
+    problems = [p for p in dist.allgather_object(problem, name="data_check") if p]
+    if problems:
+        raise UsageError(problems[0])
+    if data.batches_per_epoch < cfg.batches_per_allreduce:
+        raise UsageError(f"--batch-size {cfg.batch_size} x --batches-per-allreduce {cfg.batches_per_allreduce} "
+                         f"x {dist.size} processes is more than one epoch of data")
+    return data
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    if cfg.base_op == "lars":
+        return lars.create_optimizer_lars(model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.wd,
+                                          bn_bias_separately=cfg.bn_bias_separately, epsilon=cfg.epsilon,
+                                          eta=cfg.lars_eta, trust_clip=cfg.trust_clip)
+    if cfg.base_op == "lamb":
+        return lars.create_optimizer_lamb(model, lr=lr, weight_decay=cfg.wd, bn_bias_separately=cfg.bn_bias_separately,
+                                          epsilon=cfg.epsilon, trust_clip=cfg.trust_clip)
+    if cfg.bn_bias_separately:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters())}]
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.lr_schedule == "poly":
+        return schedulers.PolynomialWarmup(optimizer, decay_steps=total, warmup_steps=warmup,
+                                           end_lr=cfg.end_lr, power=cfg.lr_power)
+    if cfg.lr_schedule == "cosine":
+        return schedulers.CosineWarmup(optimizer, decay_steps=total, warmup_steps=warmup, end_lr=cfg.end_lr)
+    milestones = [math.ceil(e * steps_per_epoch) for e in cfg.lr_decay_epochs]
+    return schedulers.MultiStepWarmup(optimizer, milestones=milestones, gamma=0.1, warmup_steps=warmup)
+
+
+def checkpoints(cfg: Config) -> checkpoint.Checkpoints:
+    return checkpoint.Checkpoints(cfg.log_dir, cfg.checkpoint_format, cfg.keep_checkpoints)
+
+
+def restore(cfg, dist, model, optimizer, scheduler, precision) -> Position:
+    """Rank 0 finds and reads the checkpoint and sends it to every rank; with none, every
+    rank takes rank 0's initial weights. Returns where training resumes."""
+    state, problem = None, ""
+    if dist.is_main:
+        try:
+            state = find_checkpoint(cfg)
+        except UsageError as e:
+            problem = str(e)
+    problem = dist.broadcast_object(problem, name="resume_check")
+    if problem:
+        raise UsageError(problem)
+    state = dist.broadcast_object(state, name="checkpoint")
+    if state is None:
+        dist.broadcast_model(model)
+        return Position()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    precision.load_state_dict(state.get("scaler"))
+    if state.get("world_size") == dist.size and state.get("rng"):
+        torch.set_rng_state(state["rng"][dist.rank])
+    return Position(state["epoch"], state["step"], state.get("epoch_step", 0))
+
+
+def find_checkpoint(cfg: Config) -> dict | None:
+    store = checkpoints(cfg)
+    if cfg.resume == "none":
+        if store.latest() is not None:
+            raise UsageError(f"--log-dir {cfg.log_dir} already holds checkpoints ({store.latest().name}); "
+                             f"use --resume auto to continue that run, or a new --log-dir")
+        return None
+    path = store.latest() if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        return None
+    state = checkpoint.load(path)
+    checkpoint.check_same_run(state, cfg, path)
+    print(f"resuming from {path} (epoch {state['epoch']}, step {state['step']})", flush=True)
+    return state
+
+
+def write_status(log_dir: Path, state: str, pos: Position | None, latest: Path | None) -> None:
+    """status.json tells job scripts whether to requeue: 'finished' ends a chain."""
+    status = {"state": state, "checkpoint": str(latest) if latest else None}
+    if pos is not None:
+        status.update(epoch=pos.epoch, step=pos.step)
+    tmp = log_dir / ".status.json.tmp"
+    tmp.write_text(json.dumps(status) + "\n")
+    os.replace(tmp, log_dir / "status.json")

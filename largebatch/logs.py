@@ -1,0 +1,98 @@
+"""What rank 0 shows: the console (configuration, progress, epoch summaries) and
+TensorBoard event files (tensorboardX). Other ranks get silent stand-ins, so the loop
+never asks who it is before it logs."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+class Console:
+    def __init__(self, enabled: bool, progress: str):
+        self.enabled = enabled
+        self.bar_mode = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+        self._bar = None
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            if self._bar is not None:
+                self._bar.write(text)
+            else:
+                print(text, flush=True)
+
+    def config(self, cfg_dict: dict, world: str) -> None:
+        if self.enabled:
+            width = max(map(len, cfg_dict))
+            lines = [f"  {k:<{width}} {v}" for k, v in cfg_dict.items()]
+            self.print(f"largebatch: {world}\n" + "\n".join(lines))
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self._epoch, self._epochs, self._steps = epoch, epochs, steps
+        if self.enabled and self.bar_mode:
+            from tqdm import tqdm
+            self._bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
+                             dynamic_ncols=True, leave=False, file=sys.stderr)
+
+    def progress(self, done: int, stats: dict) -> None:
+        if not self.enabled:
+            return
+        text = (f"loss {stats['loss']:.4f} top1 {stats['top1']:.2f} lr {stats['lr']:.4g} "
+                f"img/s {stats['images_per_sec']:.1f}")
+        if self._bar is not None:
+            self._bar.n = done
+            self._bar.set_postfix_str(text, refresh=True)
+        else:
+            print(f"epoch {self._epoch + 1}/{self._epochs} step {done}/{self._steps} {text}", flush=True)
+
+    def end_epoch(self, summary: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.print(summary)
+
+
+class Board:
+    """TensorBoard scalars and histograms, written by rank 0 only."""
+
+    def __init__(self, log_dir, enabled: bool, purge_step: int | None = None):
+        self.writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            # purge_step drops events a resumed run is about to write again
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def trust_ratios(self, step: int, ratios: torch.Tensor | None) -> None:
+        if self.writer is None or ratios is None or ratios.numel() == 0:
+            return
+        r = ratios.detach().float().cpu()
+        self.writer.add_histogram("lars/trust_ratio", r.numpy(), step)
+        self.scalars(step, {"lars/trust_min": r.min().item(), "lars/trust_median": r.median().item(),
+                            "lars/trust_max": r.max().item()})
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Throughput:
+    """Images per second between two reads."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def rate(self, images: int) -> float:
+        now = time.perf_counter()
+        rate = images / max(now - self.t, 1e-9)
+        self.t = now
+        return rate

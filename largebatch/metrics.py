@@ -1,0 +1,41 @@
+"""Sample-weighted running sums of loss and top-k hits, reduced across ranks on demand.
+
+The sums stay on the device between reductions, so the training step never waits for
+the host; a reduction (one allreduce of four numbers) happens only when someone reads.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """How many rows have the target among the k highest logits, for each k."""
+    kmax = min(max(ks), logits.size(1))
+    top = logits.topk(kmax, dim=1).indices
+    hit = top.eq(target.unsqueeze(1))
+    return [hit[:, :min(k, kmax)].any(dim=1).sum() for k in ks]
+
+
+class Meter:
+    """Accumulates [loss*n, top1 hits, top5 hits, n]."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        top1, top5 = topk_hits(logits.detach(), target)
+        n = target.numel()
+        self.sums += torch.stack([loss.detach().double() * n, top1.double(), top5.double(),
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def add_sums(self, sums: torch.Tensor) -> None:
+        """Add already-reduced [loss*n, top1, top5, n] (from a model-parallel head)."""
+        self.sums += sums.to(self.sums)
+
+    def reduce(self, dist, name: str) -> dict:
+        """Average over every sample of every rank since the last reset."""
+        total = dist.allreduce_sum(self.sums.cpu(), name=name) if dist is not None else self.sums.cpu()
+        loss, top1, top5, n = total.tolist()
+        self.sums.zero_()
+        n = max(n, 1.0)
+        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n)}

