@@ -80,7 +80,7 @@ def train_step(model, criterion, optimizer, scheduler, precision, micro_batches,
     optimizer.synchronize()
     if precision.step(optimizer):
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
 
 
 def report(dist, meter, speed, optimizer, precision, console, board, pos: Position) -> None:
