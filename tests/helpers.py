@@ -1,0 +1,59 @@
+"""Launching real training jobs from tests: plain python or `mpirun -np N`, real files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+MPIRUN = str(Path(sys.executable).with_name("mpirun"))
+TRAIN = str(ROOT / "pytorch_imagenet_resnet.py")
+TRAIN_DALI = str(ROOT / "pytorch_imagenet_resnet_dali.py")
+
+# Small, fast settings shared by the end-to-end tests: 16-pixel digits, resnet18.
+FAST = ["--model", "resnet18", "--image-size", "16", "--val-resize", "16", "--crop-scale", "0.6,1",
+        "--batch-size", "16", "--val-batch-size", "32", "--workers", "0", "--print-freq", "1",
+        "--warmup-epochs", "0.5", "--base-lr", "1", "--wd", "1e-4"]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+             PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def mpi_command(np: int, script: str, args: list[str]) -> list[str]:
+    return [MPIRUN, "-np", str(np), "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH",
+            "-x", "PYTHONUNBUFFERED", PYTHON, script, *map(str, args)]
+
+
+def run_job(args: list, np: int = 2, script: str = TRAIN, timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run the training job; np=1 runs plain python, np>1 runs mpirun -np."""
+    cmd = [PYTHON, script, *map(str, args)] if np == 1 else mpi_command(np, script, args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_mpi_script(script: Path, args: list = (), np: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a helper script of the tests under mpirun; fails the test on a non-zero exit."""
+    return run_job(list(args), np=np, script=str(script), timeout=timeout)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(run_dir: Path) -> dict:
+    import json
+    files = json.loads((run_dir / "checkpoints.json").read_text())["files"]
+    return load_checkpoint(run_dir / files[-1])
