@@ -67,11 +67,11 @@ def run(cfg: Config, entry: str) -> int:
             write_status(cfg.log_dir, "running", pos, path)
             board.flush()
 
-    result = train(cfg, dist, data, model, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+    result, pos = train(cfg, dist, data, model, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                    optimizer, scheduler, precision, save, console, board, stop, start)
     if dist.is_main:
         latest = checkpoints(cfg).latest()
-        write_status(cfg.log_dir, result, None, latest)
+        write_status(cfg.log_dir, result, pos, latest)
         console.print(f"{result}: run directory {cfg.log_dir} (TensorBoard: tensorboard --logdir {cfg.log_dir})")
     board.close()
     if data.bad_files:
@@ -200,11 +200,9 @@ def find_checkpoint(cfg: Config) -> dict | None:
     return state
 
 
-def write_status(log_dir: Path, state: str, pos: Position | None, latest: Path | None) -> None:
+def write_status(log_dir: Path, state: str, pos: Position, latest: Path | None) -> None:
     """status.json tells job scripts whether to requeue: 'finished' ends a chain."""
-    status = {"state": state, "checkpoint": str(latest) if latest else None}
-    if pos is not None:
-        status.update(epoch=pos.epoch, step=pos.step)
+    status = {"state": state, "epoch": pos.epoch, "step": pos.step, "checkpoint": str(latest) if latest else None}
     tmp = log_dir / ".status.json.tmp"
     tmp.write_text(json.dumps(status) + "\n")
     os.replace(tmp, log_dir / "status.json")

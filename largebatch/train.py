@@ -21,9 +21,9 @@ class Position:
 
 
 def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, save, console, board, stop,
-          start: Position) -> str:
-    """Train from ``start`` to ``cfg.epochs``; returns "finished", or "stopped" after a stop
-    request (a signal), once a checkpoint is written."""
+          start: Position) -> tuple[str, Position]:
+    """Train from ``start`` to ``cfg.epochs``. Returns ("finished", position), or ("stopped",
+    position) after a stop request (a signal), once a checkpoint is written."""
     n_micro = cfg.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
     pos = Position(start.epoch, start.step, start.epoch_step)
@@ -43,7 +43,7 @@ def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, sa
                     save(pos, epoch_end=False)
                     console.end_epoch(f"stopped by {stop.reason} at epoch {epoch + 1} step {pos.epoch_step}; "
                                       f"checkpoint written, resume with --resume auto")
-                    return "stopped"
+                    return "stopped", pos
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
                 save(pos, epoch_end=False)
         batches.close()
@@ -55,8 +55,8 @@ def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, sa
         console.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
                           f"top5 {val['top5']:.2f} ({val['count']} images)")
         if stop.agreed(dist):
-            return "stopped"
-    return "finished"
+            return "stopped", pos
+    return "finished", pos
 
 
 def train_step(model, criterion, optimizer, scheduler, precision, micro_batches, meter: Meter) -> None:

@@ -1,0 +1,49 @@
+"""Read the scalars back out of a run's TensorBoard event files (for reports and tests).
+
+Event files are TFRecord-framed ``Event`` protobufs: per record an 8-byte length, a 4-byte
+CRC of it, the payload, a 4-byte CRC of the payload. tensorboardX ships the protobuf
+classes, so no TensorFlow or TensorBoard install is needed to read them.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from tensorboardX.proto import event_pb2
+
+
+def read_records(path: Path):
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            payload = f.read(length)
+            f.read(4)
+            if len(payload) < length:
+                return  # a file still being written ends mid-record
+            yield payload
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} over every event file in ``run_dir``, in step order.
+    A step written again after a resume replaces the earlier value."""
+    values: dict[str, dict[int, float]] = {}
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        for payload in read_records(path):
+            event = event_pb2.Event.FromString(payload)
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    values.setdefault(v.tag, {})[event.step] = v.simple_value
+    return {tag: sorted(steps.items()) for tag, steps in values.items()}
+
+
+def histogram_tags(run_dir: Path) -> set[str]:
+    tags = set()
+    for path in Path(run_dir).glob("events.out.tfevents.*"):
+        for payload in read_records(path):
+            for v in event_pb2.Event.FromString(payload).summary.value:
+                if v.HasField("histo"):
+                    tags.add(v.tag)
+    return tags
