@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from .config import UsageError, parse_config
+from .dist import EngineError, launcher_rank
 
 
 def main(entry: str, argv: list[str] | None = None) -> int:
@@ -13,8 +14,13 @@ def main(entry: str, argv: list[str] | None = None) -> int:
         from .job import run  # torch/horovod import after the flags are known to be good
         return run(cfg, entry)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        # Every rank reaches the same verdict (the checks are agreed across ranks): one says it.
+        if launcher_rank() == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except EngineError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130

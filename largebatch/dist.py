@@ -130,6 +130,10 @@ def _horovod():
     return hvd
 
 
-def launched_by_mpi() -> bool:
-    """True when an MPI launcher or horovodrun started this process."""
-    return any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK"))
+def launcher_rank() -> int:
+    """This process's rank as the launcher (mpirun, srun, horovodrun) set it; 0 when alone.
+    Known before Horovod starts, so errors found early are printed once, not once per rank."""
+    for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0

@@ -35,10 +35,11 @@ def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, sa
         batches = data.train(epoch, start_batch=pos.epoch_step * n_micro)
         while pos.epoch_step < steps_per_epoch:
             micro_batches = [next(batches) for _ in range(n_micro)]
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on after it
             train_step(model, criterion, optimizer, scheduler, precision, micro_batches, meter)
             pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
             if pos.epoch_step % cfg.print_freq == 0 or pos.epoch_step == steps_per_epoch:
-                report(dist, meter, speed, optimizer, precision, console, board, pos)
+                report(dist, meter, speed, optimizer, precision, console, board, pos, lr)
                 if stop.agreed(dist):
                     save(pos, epoch_end=False)
                     console.end_epoch(f"stopped by {stop.reason} at epoch {epoch + 1} step {pos.epoch_step}; "
@@ -83,9 +84,9 @@ def train_step(model, criterion, optimizer, scheduler, precision, micro_batches,
     optimizer.zero_grad()
 
 
-def report(dist, meter, speed, optimizer, precision, console, board, pos: Position) -> None:
+def report(dist, meter, speed, optimizer, precision, console, board, pos: Position, lr: float) -> None:
     stats = meter.reduce(dist, name="train_meter")
-    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats["lr"] = lr
     stats["images_per_sec"] = speed.rate(stats.pop("count"))
     console.progress(pos.epoch_step, stats)
     board.scalars(pos.step, {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": stats["lr"],

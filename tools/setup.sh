@@ -55,6 +55,7 @@ patch_sum=$(sha256sum tools/patch_horovod.py | cut -c1-8)
 key="horovod-$HOROVOD_VERSION-torch-$torch_version-ompi-$mpi_version-$mode-py$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')-$patch_sum"
 
 if [ "$(cat $VENV/.horovod 2>/dev/null)" = "$key" ] && "$PY" -c 'import horovod.torch' 2>/dev/null; then
+    "$PY" tools/patch_horovodrun.py
     say "ready ($key)"
     exit 0
 fi
@@ -107,5 +108,6 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
 fi
 pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
 "$PY" -c 'import horovod.torch' || die "Horovod installed but 'import horovod.torch' fails"
+"$PY" tools/patch_horovodrun.py
 echo "$key" > $VENV/.horovod
 say "ready ($key)"

@@ -1,0 +1,71 @@
+"""Bad input ends the job with one clear line and exit status 2, on every rank, with no
+traceback and no rank left waiting."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from helpers import FAST, run_job
+from test_training import job_args
+
+
+def assert_usage_error(proc, *fragments):
+    lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert lines, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_flag_errors_before_any_work(tmp_path):
+    proc = run_job(["--synthetic", "--batch-size", "-3"], np=1, check=False)
+    assert_usage_error(proc, "--batch-size", "positive integer")
+    proc = run_job(["--train-dir", tmp_path, "--synthetic"], np=1, check=False)
+    assert_usage_error(proc, "--synthetic")
+
+
+def test_missing_data_directory_stops_both_ranks(tmp_path):
+    proc = run_job(job_args(tmp_path / "nowhere", tmp_path / "run", "--epochs", "1"), np=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "--train-dir" in proc.stderr and "no such directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_data_directory(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    proc = run_job(job_args(tmp_path, tmp_path / "run", "--epochs", "1"), np=1, check=False)
+    assert_usage_error(proc, "--train-dir", "class folder")
+
+
+def test_validation_classes_differ(digits, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    shutil.rmtree(data / "val" / "7")
+    proc = run_job(job_args(data, tmp_path / "run", "--epochs", "1"), np=1, check=False)
+    assert_usage_error(proc, "classes differ", "7")
+
+
+def test_batch_larger_than_data(digits, tmp_path):
+    proc = run_job(job_args(digits, tmp_path / "run", "--epochs", "1", "--batch-size", "400"), np=1, check=False)
+    assert_usage_error(proc, "--batch-size 400", "320")
+
+
+def test_unwritable_log_dir(digits, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run_job(job_args(digits, blocker / "run", "--epochs", "1"), np=1, check=False)
+    assert_usage_error(proc, "--log-dir", "not writable")
+
+
+def test_checkpoints_of_another_run_are_never_overwritten(digits, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(job_args(digits, run_dir, "--epochs", "1"), np=1)
+    before = (run_dir / "checkpoint-1.pth.tar").read_bytes()
+    proc = run_job(job_args(digits, run_dir, "--epochs", "1", "--resume", "none"), np=1, check=False)
+    assert_usage_error(proc, "already holds checkpoints")
+    proc = run_job(job_args(digits, run_dir, "--epochs", "1", "--batch-size", "8"), np=1, check=False)
+    assert_usage_error(proc, "--batch-size 16 (now 8)", "new --log-dir")
+    assert (run_dir / "checkpoint-1.pth.tar").read_bytes() == before
