@@ -58,6 +58,16 @@ class Config:
     label_smoothing: float
     base_op: str
     bn_bias_separately: bool
+    # numerics (see precision.py)
+    precision: str | None
+    opt_level: str | None
+    keep_batchnorm_fp32: bool | None
+    loss_scale: str | None
+    channels_last: bool
+    sync_bn: bool
+    deterministic: bool
+    prof: int
+    timeline: bool
     # distribution
     fp16_allreduce: bool
     use_adasum: bool
@@ -86,6 +96,10 @@ class Config:
             # sqrt of the batch factor, not sqrt(lr * N) as the original trainer had it
             return self.base_lr * math.sqrt(factor)
         return self.base_lr
+
+    def precision_policy(self):
+        from .precision import resolve_policy
+        return resolve_policy(self.precision, self.opt_level, self.keep_batchnorm_fp32, self.loss_scale)
 
     def to_dict(self) -> dict:
         """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
@@ -165,7 +179,8 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
         d.add_argument("--data-format", choices=["tfrecord", "folder"], default="tfrecord")
         d.add_argument("--dali-device", choices=["gpu", "cpu"], default="gpu",
                        help="gpu: decode and augment on the GPU; cpu: the whole pipeline on CPU")
-        d.add_argument("--dali-threads", type=_positive_int, default=4, help="DALI CPU threads per rank")
+        d.add_argument("--dali-threads", type=_non_negative_int, default=0,
+                       help="DALI CPU threads per rank (0: this rank's share of the node's cores, at most 8)")
         d.add_argument("--dali-prefetch", type=_positive_int, default=2, help="DALI prefetch queue depth")
         d.add_argument("--label-offset", choices=["auto", "0", "1"], default="auto",
                        help="subtract this from TFRecord labels; auto: 1 when labels start at 1")
@@ -211,6 +226,24 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     o.add_argument("--base-op", choices=["sgd", "lars", "lamb"], default="lars")
     o.add_argument("--bn-bias-separately", action=bool_flag, default=True,
                    help="no weight decay and no trust ratio for normalisation weights and biases")
+
+    n = p.add_argument_group("numerics and performance")
+    n.add_argument("--precision", choices=["fp32", "amp", "amp-bf16", "fp16", "bf16"], default=None,
+                   help="fp32; amp: autocast fp16 + loss scaling; amp-bf16; fp16/bf16: the whole model "
+                        "(default fp32)")
+    n.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"], default=None,
+                   help="Apex's levels: O0 fp32, O1 amp, O2 fp16 model + fp32 master weights, O3 pure fp16")
+    n.add_argument("--keep-batchnorm-fp32", action=bool_flag, default=None,
+                   help="batch norm in fp32 under O2/O3/fp16/bf16 (default: on for O2, off for O3)")
+    n.add_argument("--loss-scale", default=None, help="'dynamic' or a fixed number (fp16 levels only)")
+    n.add_argument("--channels-last", action=bool_flag, default=False, help="NHWC model and inputs")
+    n.add_argument("--sync-bn", action=bool_flag, default=False, help="batch norm statistics across all ranks")
+    n.add_argument("--deterministic", action=bool_flag, default=False,
+                   help="deterministic algorithms: two runs with the same flags give identical checkpoints")
+    n.add_argument("--prof", type=_non_negative_int, default=0, metavar="N",
+                   help="profile N steps after a warm-up with torch.profiler, then stop")
+    n.add_argument("--timeline", action=bool_flag, default=False,
+                   help="with --prof: also write Horovod's timeline of the collectives")
 
     h = p.add_argument_group("distribution")
     h.add_argument("--fp16-allreduce", action=bool_flag, default=False, help="compress gradients to fp16 for allreduce")
@@ -283,6 +316,12 @@ def _validate(cfg: Config, entry: str) -> None:
         raise UsageError(f"--checkpoint-format {cfg.checkpoint_format!r} is not a valid template ({e})") from None
     if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_file():
         raise UsageError(f"--resume {cfg.resume}: no such checkpoint file")
+    try:
+        cfg.precision_policy()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if cfg.timeline and not cfg.prof:
+        raise UsageError("--timeline goes with --prof N")
     _validate_model_name(cfg.model)
 
 

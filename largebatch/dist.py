@@ -29,8 +29,10 @@ class Dist:
 
     # --- start-up -----------------------------------------------------------------------
     @classmethod
-    def init(cls) -> "Dist":
+    def init(cls, timeline: bool = False) -> "Dist":
         hvd = _horovod()
+        if timeline:
+            os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")  # read by init: start/stop at will later
         hvd.init()
         return cls(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
@@ -44,7 +46,15 @@ class Dist:
         and Horovod's broadcast_optimizer_state runs a dummy step() to create some, which
         with weight decay moves the weights. Resumed state travels with broadcast_object.
         """
-        _horovod().broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd = _horovod()
+        handles = []
+        for name, tensor in model.state_dict().items():
+            carrier = _carrier(tensor)
+            handles.append((tensor, carrier, hvd.broadcast_async_(carrier, root_rank=0, name=f"bcast.{name}")))
+        for tensor, carrier, handle in handles:
+            hvd.synchronize(handle)
+            if carrier is not tensor:
+                tensor.copy_(carrier)
 
     def broadcast_object(self, obj, name: str = "object"):
         return _horovod().broadcast_object(obj, root_rank=0, name=name)
@@ -84,7 +94,7 @@ class Dist:
         return hvd.DistributedOptimizer(
             optimizer,
             named_parameters=named,
-            compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
+            compression=_carried(hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none),
             backward_passes_per_step=backward_passes_per_step,
             op=hvd.Adasum if adasum else hvd.Average,
             gradient_predivide_factor=predivide,
@@ -120,6 +130,31 @@ class Dist:
 
     def nccl_built(self) -> bool:
         return bool(_horovod().nccl_built())
+
+
+def _carrier(tensor: torch.Tensor) -> torch.Tensor:
+    """What Horovod 0.28 can send: it cannot reduce bfloat16 (an fp32 copy is exact) and
+    needs contiguous memory (channels-last weights are not). Other tensors go as they are."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.float().contiguous()
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def _carried(base):
+    """A Horovod compression that sends gradients through ``_carrier`` around ``base``."""
+
+    class Carried:
+        @staticmethod
+        def compress(tensor):
+            compressed, ctx = base.compress(_carrier(tensor))
+            return compressed, (ctx, tensor.dtype)
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            inner, dtype = ctx
+            return base.decompress(tensor, inner).to(dtype)
+
+    return Carried
 
 
 def _horovod():

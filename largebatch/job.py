@@ -22,13 +22,14 @@ from .dist import Dist
 from .logs import Board, Console
 from .model import build_model
 from .precision import Precision
+from .profiling import StepProfiler
 from .stop import StopRequest
 from .train import Position, train
 
 
 def run(cfg: Config, entry: str) -> int:
     stop = StopRequest()
-    dist = Dist.init()
+    dist = Dist.init(timeline=cfg.timeline)
     device = pick_device(cfg, dist)
     prepare_run_dir(cfg.log_dir, dist)
     data = build_input(cfg, entry, dist, device)
@@ -37,9 +38,13 @@ def run(cfg: Config, entry: str) -> int:
                    world=f"{dist.size} process(es), device {device}, global batch "
                          f"{cfg.batch_size * cfg.batches_per_allreduce * dist.size}")
 
+    configure_determinism(cfg.deterministic, cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, before the broadcast
-    model = build_model(cfg.model, data.num_classes).to(device)
-    precision = Precision(device)
+    model = build_model(cfg.model, data.num_classes)
+    if cfg.sync_bn:
+        model = dist.sync_batchnorm(model)
+    precision = Precision(device, cfg.precision_policy(), cfg.channels_last)
+    model = precision.prepare(model.to(device))
     optimizer = dist.distributed_optimizer(
         build_optimizer(cfg, model, cfg.lr(dist.size)), model,
         backward_passes_per_step=cfg.batches_per_allreduce, fp16_allreduce=cfg.fp16_allreduce,
@@ -67,8 +72,11 @@ def run(cfg: Config, entry: str) -> int:
             write_status(cfg.log_dir, "running", pos, path)
             board.flush()
 
+    profiler = StepProfiler(cfg.prof, cfg.log_dir / "profile", dist.rank, device, dist, cfg.timeline)
     result, pos = train(cfg, dist, data, model, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                   optimizer, scheduler, precision, save, console, board, stop, start)
+                        optimizer, scheduler, precision, save, console, board, stop, profiler, start)
+    if result == "profiled":
+        console.print(f"profiled {cfg.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
     if dist.is_main:
         latest = checkpoints(cfg).latest()
         write_status(cfg.log_dir, result, pos, latest)
@@ -81,9 +89,32 @@ def run(cfg: Config, entry: str) -> int:
 
 def pick_device(cfg: Config, dist: Dist) -> torch.device:
     if cfg.no_cuda or not torch.cuda.is_available():
+        policy = cfg.precision_policy()
+        if policy.needs_gpu:
+            why = "--no-cuda was given" if cfg.no_cuda else "no CUDA GPU is visible"
+            raise UsageError(f"{policy.name} computes in fp16, which needs a GPU, but {why}; "
+                             f"on CPU use --precision amp-bf16 or bf16")
+        if cfg.sync_bn:
+            raise UsageError("--sync-bn needs GPUs (Horovod's SyncBatchNorm runs on CUDA tensors only)")
         return torch.device("cpu")
     torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def configure_determinism(deterministic: bool, seed: int) -> None:
+    """--deterministic trades speed for runs that repeat bit for bit; otherwise let cuDNN
+    pick the fastest kernels."""
+    import random
+
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed % 2**32)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
 
 
 def prepare_run_dir(log_dir: Path, dist: Dist) -> None:

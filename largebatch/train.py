@@ -21,9 +21,10 @@ class Position:
 
 
 def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, save, console, board, stop,
-          start: Position) -> tuple[str, Position]:
-    """Train from ``start`` to ``cfg.epochs``. Returns ("finished", position), or ("stopped",
-    position) after a stop request (a signal), once a checkpoint is written."""
+          profiler, start: Position) -> tuple[str, Position]:
+    """Train from ``start`` to ``cfg.epochs``. Returns ("finished", position); ("stopped",
+    position) after a stop request (a signal), once a checkpoint is written; or
+    ("profiled", position) once --prof's steps are recorded."""
     n_micro = cfg.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
     pos = Position(start.epoch, start.step, start.epoch_step)
@@ -38,6 +39,8 @@ def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, sa
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on after it
             train_step(model, criterion, optimizer, scheduler, precision, micro_batches, meter)
             pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
+            if profiler.step():
+                return "profiled", pos
             if pos.epoch_step % cfg.print_freq == 0 or pos.epoch_step == steps_per_epoch:
                 report(dist, meter, speed, optimizer, precision, console, board, pos, lr)
                 if stop.agreed(dist):
@@ -73,9 +76,8 @@ def train_step(model, criterion, optimizer, scheduler, precision, micro_batches,
             # run so that Horovod's count of passes stays in step with the other ranks.
             precision.backward(sum(p.sum() * 0.0 for p in model.parameters()))
             continue
-        with precision.autocast():
-            logits = model(precision.input(images))
-            loss = criterion(logits.float(), labels)
+        logits = precision.forward(model, images)
+        loss = criterion(logits.float(), labels)
         precision.backward(loss / len(micro_batches))
         meter.add(loss, logits, labels)
     optimizer.synchronize()
@@ -103,7 +105,6 @@ def evaluate(model, criterion, batches, precision, dist, device) -> dict:
     for images, labels in batches:
         if images is None:
             continue
-        with precision.autocast():
-            logits = model(precision.input(images))
+        logits = precision.forward(model, images)
         meter.add(criterion(logits.float(), labels), logits, labels)
     return meter.reduce(dist, name="val_meter")
