@@ -149,6 +149,14 @@ class Precision:
                 for p_name, _ in m.named_parameters(recurse=False)}
         if self.policy.master_weights:
             self._cast_names = {n for n, _ in model.named_parameters() if n not in keep}
+            if not self.policy.keep_bn_fp32:
+                # BN computing in fp16 needs its running statistics in fp16 too; they are
+                # buffers updated in place, so they live in that dtype rather than being cast.
+                for m in model.modules():
+                    if _is_norm(m):
+                        for b in m.buffers(recurse=False):
+                            if b.is_floating_point():
+                                b.data = b.data.to(dtype)
             return model
         for m in model.modules():
             if not (_is_norm(m) and self.policy.keep_bn_fp32):

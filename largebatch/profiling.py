@@ -21,6 +21,7 @@ class StepProfiler:
         self.count = 0
         self.profiler = None
         if steps:
+            out_dir.mkdir(parents=True, exist_ok=True)  # Horovod's timeline opens its file here early
             activities = [torch.profiler.ProfilerActivity.CPU]
             if device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)

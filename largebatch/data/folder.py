@@ -13,27 +13,33 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from ..config import Config, UsageError
+from .prefetch import CudaPrefetcher
 from .sampler import TrainShard, ValShard
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(cfg: Config) -> transforms.Compose:
+def _to_tensor(uint8: bool) -> list:
+    """On a GPU the batch stays uint8 and is normalised there (see prefetch.py)."""
+    if uint8:
+        return [transforms.PILToTensor()]
+    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def train_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
     return transforms.Compose([
         transforms.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        *_to_tensor(uint8),
     ])
 
 
-def val_transform(cfg: Config) -> transforms.Compose:
+def val_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
     return transforms.Compose([
         transforms.Resize(cfg.val_resize),
         transforms.CenterCrop(cfg.image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        *_to_tensor(uint8),
     ])
 
 
@@ -77,8 +83,9 @@ class FolderInput:
 
     def __init__(self, cfg: Config, rank: int, size: int, device: torch.device):
         self.cfg, self.rank, self.size, self.device = cfg, rank, size, device
-        self.train_set = _open(cfg.train_dir, "--train-dir", train_transform(cfg))
-        self.val_set = _open(cfg.val_dir, "--val-dir", val_transform(cfg))
+        on_gpu = device.type == "cuda"
+        self.train_set = _open(cfg.train_dir, "--train-dir", train_transform(cfg, uint8=on_gpu))
+        self.val_set = _open(cfg.val_dir, "--val-dir", val_transform(cfg, uint8=on_gpu))
         if self.train_set.classes != self.val_set.classes:
             only_train = sorted(set(self.train_set.classes) - set(self.val_set.classes))[:3]
             only_val = sorted(set(self.val_set.classes) - set(self.train_set.classes))[:3]
@@ -108,13 +115,17 @@ class FolderInput:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                             num_workers=self.cfg.workers, collate_fn=_collate,
                             pin_memory=self.device.type == "cuda")
+        batches = self._report_bad(loader)
+        if self.device.type == "cuda":
+            yield from CudaPrefetcher(batches, IMAGENET_MEAN, IMAGENET_STD, self.device)
+        else:
+            yield from batches
+
+    def _report_bad(self, loader):
         for images, labels, bad in loader:
             for report in bad:
                 path = report.split(" (")[0]
                 if path not in self.bad_files:
                     self.bad_files.add(path)
                     print(f"warning: skipping unreadable image {report}", file=sys.stderr, flush=True)
-            if images is not None:
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
             yield images, labels

@@ -1,0 +1,68 @@
+"""Precision levels and the Apex controls in the real job, under mpirun -np 2."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import latest_checkpoint, run_job, run_mpi_script
+from test_bad_input import assert_usage_error
+from test_training import job_args
+from largebatch.events import read_scalars
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant():
+    proc = run_mpi_script(SCRIPTS / "loss_scaling.py")
+    assert proc.stdout.count("loss scaling ok") == 2
+
+
+@pytest.mark.parametrize("flags, param_dtype", [(["--precision", "amp-bf16"], "torch.float32"),
+                                                (["--precision", "bf16", "--channels-last"], "torch.bfloat16")])
+def test_bf16_trains_end_to_end(digits, tmp_path, flags, param_dtype):
+    run_dir = tmp_path / "run"
+    run_job(job_args(digits, run_dir, "--epochs", "2", *flags))
+    state = latest_checkpoint(run_dir)
+    assert str(state["model"]["conv1.weight"].dtype) == param_dtype
+    losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
+    assert all(v == v and v < 100 for v in losses)  # finite
+    assert sum(losses[-4:]) < sum(losses[:4]), "bf16 training did not learn"
+
+
+def test_deterministic_runs_give_identical_checkpoints(digits, tmp_path):
+    digests = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        run_job(job_args(digits, run_dir, "--epochs", "1", "--deterministic", "--workers", "1"))
+        state = latest_checkpoint(run_dir)
+        h = hashlib.sha256()
+        for key in sorted(state["model"]):
+            h.update(state["model"][key].numpy().tobytes())
+        for key in sorted(state["optimizer"]["state"]):
+            h.update(state["optimizer"]["state"][key]["momentum_buffer"].numpy().tobytes())
+        digests.append(h.hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_prof_writes_traces_and_stops(digits, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_job(job_args(digits, run_dir, "--epochs", "2", "--prof", "3", "--timeline"))
+    traces = sorted((run_dir / "profile").glob("rank*.pt.trace.json*"))
+    assert [t.name.split(".")[0] for t in traces] == ["rank0", "rank1"]
+    assert str(traces[0]) in proc.stdout
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("ProfilerStep#" in e.get("name", "") for e in events)
+    assert (run_dir / "profile" / "horovod_timeline.json").stat().st_size > 0
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "profiled"
+    assert not list(run_dir.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--opt-level", "O1"], "needs a GPU"), (["--opt-level", "O2"], "needs a GPU"),
+    (["--precision", "amp"], "needs a GPU"), (["--precision", "fp16"], "needs a GPU"),
+    (["--sync-bn"], "--sync-bn needs GPUs"),
+])
+def test_gpu_only_choices_fail_clearly_on_cpu(digits, tmp_path, flags, message):
+    proc = run_job(job_args(digits, tmp_path / "run", "--epochs", "1", *flags), np=1, check=False)
+    assert_usage_error(proc, message)
