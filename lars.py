@@ -20,7 +20,7 @@ logging).
 optimizers with the usual large-batch convention of exempting normalisation
 and bias parameters from weight decay and from the trust ratio.
 """
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim.optimizer import required
@@ -51,6 +51,15 @@ def _trust_ratios(
     if trust_clip is not None:
         ratio = ratio.clamp(max=trust_clip)
     return ratio
+
+
+def _norms(optimizer, params: List[torch.Tensor], tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Per-tensor L2 norms of ``tensors`` (the parameters or their updates), through the
+    optimizer's ``norms_across_shards`` hook when one is set."""
+    norms = torch._foreach_norm(tensors)
+    if optimizer.norms_across_shards is not None:
+        norms = optimizer.norms_across_shards(params, norms)
+    return norms
 
 
 def _concat_or_none(ratios: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -117,6 +126,12 @@ class LARS(torch.optim.Optimizer):
             adapted tensor that had a gradient in the latest step, in param
             group order (``None`` if no tensor was adapted). Reading its
             values synchronises with the device.
+        norms_across_shards: ``None``, or a callable ``(params, norms) -> norms``
+            for parameters that are slices of a larger tensor split across
+            processes (a model-parallel layer): given the per-tensor norms
+            computed locally, it returns the norms of the whole tensors, so
+            the trust ratio is the one of the unsplit layer. It may
+            communicate; every process must then step the same groups.
     """
 
     def __init__(
@@ -157,6 +172,7 @@ class LARS(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.last_trust_ratios: Optional[torch.Tensor] = None
+        self.norms_across_shards: Optional[Callable] = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -193,8 +209,8 @@ class LARS(torch.optim.Optimizer):
 
             if group["lars_adaptation"]:
                 trust = _trust_ratios(
-                    torch._foreach_norm(params),
-                    torch._foreach_norm(grads),
+                    _norms(self, params, params),
+                    _norms(self, params, grads),
                     numerator_scale=group["eta"],
                     d_w_scale=weight_decay,
                     epsilon=group["epsilon"],
@@ -274,6 +290,7 @@ class LAMB(torch.optim.Optimizer):
 
     Attributes:
         last_trust_ratios: as for :class:`LARS`.
+        norms_across_shards: as for :class:`LARS`.
     """
 
     def __init__(
@@ -308,6 +325,7 @@ class LAMB(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.last_trust_ratios: Optional[torch.Tensor] = None
+        self.norms_across_shards: Optional[Callable] = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -367,8 +385,8 @@ class LAMB(torch.optim.Optimizer):
             lr = group["lr"]
             if group["lars_adaptation"]:
                 trust = _trust_ratios(
-                    torch._foreach_norm(params),
-                    torch._foreach_norm(updates),
+                    _norms(self, params, params),
+                    _norms(self, params, updates),
                     numerator_scale=1.0,
                     d_w_scale=0.0,
                     epsilon=0.0,

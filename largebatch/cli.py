@@ -4,15 +4,19 @@ from __future__ import annotations
 import sys
 
 from .config import UsageError, parse_config
-from .dist import EngineError, launcher_rank
+from .stop import StopRequest
 
 
 def main(entry: str, argv: list[str] | None = None) -> int:
+    # First, before torch loads (seconds): a scheduler's stop signal during start-up is then
+    # recorded and honoured at the first report instead of killing the process.
+    stop = StopRequest()
+    from .dist import EngineError, launcher_rank  # imports torch
     prog = "pytorch_imagenet_resnet_dali.py" if entry == "dali" else "pytorch_imagenet_resnet.py"
     try:
         cfg = parse_config(argv, entry)
         from .job import run  # torch/horovod import after the flags are known to be good
-        return run(cfg, entry)
+        return run(cfg, entry, stop)
     except UsageError as e:
         # Every rank reaches the same verdict (the checks are agreed across ranks): one says it.
         if launcher_rank() == 0:

@@ -74,6 +74,8 @@ class Config:
     gradient_predivide_factor: float
     no_cuda: bool
     seed: int
+    enable_model_parallel: bool
+    model_parallel_dim: int
     # output
     log_dir: Path
     checkpoint_format: str
@@ -252,6 +254,11 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
                    help="divide gradients by this before the allreduce and by size/this after")
     h.add_argument("--no-cuda", action="store_true", help="train on CPU even where a GPU is present")
     h.add_argument("--seed", type=int, default=42)
+    h.add_argument("--enable-model-parallel", action="store_true",
+                   help="split the final linear layer (the classifier) across the processes")
+    h.add_argument("--model-parallel-dim", type=int, choices=[0, 1], default=None,
+                   help="with --enable-model-parallel: 1 splits the output classes, 0 the input features "
+                        "(default 1)")
 
     r = p.add_argument_group("output")
     r.add_argument("--log-dir", type=Path, default=Path("./logs"),
@@ -280,6 +287,10 @@ def parse_config(argv: list[str] | None, entry: str = "folder") -> Config:
         values.setdefault(name, default)
     if values["val_resize"] is None:
         values["val_resize"] = max(values["image_size"], round(values["image_size"] / 0.875))
+    if values["model_parallel_dim"] is not None and not values["enable_model_parallel"]:
+        raise UsageError("--model-parallel-dim applies only with --enable-model-parallel")
+    if values["model_parallel_dim"] is None:
+        values["model_parallel_dim"] = 1
     cfg = Config(**values)
     _validate(cfg, entry)
     return cfg
@@ -322,6 +333,14 @@ def _validate(cfg: Config, entry: str) -> None:
         raise UsageError(str(e)) from None
     if cfg.timeline and not cfg.prof:
         raise UsageError("--timeline goes with --prof N")
+    if cfg.enable_model_parallel:
+        if cfg.use_adasum:
+            raise UsageError("--use-adasum cannot be combined with --enable-model-parallel "
+                             "(the sharded classifier needs the backbone's gradients averaged)")
+        if cfg.precision_policy().loss_scale is not None:
+            raise UsageError(f"--enable-model-parallel does not support loss scaling ({cfg.precision_policy().name}): "
+                             f"the ranks would have to agree on overflows in their classifier slices; "
+                             f"use fp32, amp-bf16 or bf16")
     _validate_model_name(cfg.model)
 
 

@@ -39,8 +39,9 @@ class Dist:
     def shutdown(self) -> None:
         _horovod().shutdown()
 
-    def broadcast_model(self, model: torch.nn.Module) -> None:
-        """Give every rank rank 0's parameters and buffers.
+    def broadcast_model(self, model: torch.nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> None:
+        """Give every rank rank 0's parameters and buffers, except those named in
+        ``exclude`` (the shards of a model-parallel layer, which differ by rank).
 
         The optimizer is deliberately not broadcast here: a fresh optimizer has no state,
         and Horovod's broadcast_optimizer_state runs a dummy step() to create some, which
@@ -49,6 +50,8 @@ class Dist:
         hvd = _horovod()
         handles = []
         for name, tensor in model.state_dict().items():
+            if name in exclude:
+                continue
             carrier = _carrier(tensor)
             handles.append((tensor, carrier, hvd.broadcast_async_(carrier, root_rank=0, name=f"bcast.{name}")))
         for tensor, carrier, handle in handles:
@@ -72,9 +75,31 @@ class Dist:
         return hvd.allreduce(tensor, op=hvd.Max, name=name)
 
     def allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        """Concatenate along dim 0 across ranks; differentiable (the backward pass
-        returns each rank its own slice of the summed gradient)."""
+        """Concatenate along dim 0 across ranks (the ranks' row counts may differ).
+        Differentiable, but Horovod's backward pass *averages* the gradient over the
+        ranks before returning each rank its own rows."""
         return _horovod().allgather(tensor, name=name)
+
+    def reducescatter_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Sum across ranks; each rank keeps a slice of dim 0, the first (rows % size)
+        ranks one row more than the others."""
+        hvd = _horovod()
+        return hvd.reducescatter(tensor, op=hvd.Sum, name=name)
+
+    def gather_to_root(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Every rank's tensor concatenated along dim 0 (rank order) on rank 0 only; the
+        others get an empty tensor. Unlike allgather, only rank 0 ever holds the whole."""
+        splits = torch.zeros(self.size, dtype=torch.int32)
+        splits[0] = tensor.shape[0]
+        out, _ = _horovod().alltoall(tensor.detach(), splits=splits, name=name)
+        return out
+
+    def scatter_from_root(self, tensor: torch.Tensor, counts: list[int], name: str) -> torch.Tensor:
+        """Rank 0's tensor cut along dim 0 into ``counts[r]`` rows for rank r; each rank
+        gets its rows. The other ranks pass an empty tensor of the same dtype and trailing shape."""
+        splits = torch.tensor(counts if self.is_main else [0] * self.size, dtype=torch.int32)
+        out, _ = _horovod().alltoall(tensor.detach(), splits=splits, name=name)
+        return out
 
     def barrier(self) -> None:
         _horovod().barrier()
@@ -90,15 +115,24 @@ class Dist:
         its own copy (the shards of a model-parallel layer).
         """
         hvd = _horovod()
-        named = [(n, p) for n, p in model.named_parameters() if n not in exclude]
-        return hvd.DistributedOptimizer(
-            optimizer,
-            named_parameters=named,
-            compression=_carried(hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none),
-            backward_passes_per_step=backward_passes_per_step,
-            op=hvd.Adasum if adasum else hvd.Average,
-            gradient_predivide_factor=predivide,
-        )
+        # Horovod wants a name for every parameter the optimizer holds, and hooks an
+        # allreduce onto each one that requires grad when the wrapper is built; the
+        # excluded ones are hidden from it by not requiring grad for that moment.
+        hidden = [p for n, p in model.named_parameters() if n in exclude and p.requires_grad]
+        for p in hidden:
+            p.requires_grad_(False)
+        try:
+            return hvd.DistributedOptimizer(
+                optimizer,
+                named_parameters=list(model.named_parameters()),
+                compression=_carried(hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none),
+                backward_passes_per_step=backward_passes_per_step,
+                op=hvd.Adasum if adasum else hvd.Average,
+                gradient_predivide_factor=predivide,
+            )
+        finally:
+            for p in hidden:
+                p.requires_grad_(True)
 
     def sync_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
         """Replace every BatchNorm layer with Horovod's synchronised one."""

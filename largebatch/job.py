@@ -21,18 +21,22 @@ from .config import Config, UsageError
 from .dist import Dist
 from .logs import Board, Console
 from .model import build_model
+from .parallel import (LockstepInput, ParallelCrossEntropyLoss, broadcast_checkpoint, convert_parallel_linear,
+                       dense_state, share_norms, sharded_parameter_names)
 from .precision import Precision
 from .profiling import StepProfiler
 from .stop import StopRequest
 from .train import Position, train
 
 
-def run(cfg: Config, entry: str) -> int:
-    stop = StopRequest()
+def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
+    stop = stop or StopRequest()
     dist = Dist.init(timeline=cfg.timeline)
     device = pick_device(cfg, dist)
     prepare_run_dir(cfg.log_dir, dist)
     data = build_input(cfg, entry, dist, device)
+    if cfg.enable_model_parallel:  # the sharded classifier is a collective: no rank may skip a batch
+        data = LockstepInput(data, dist, cfg.image_size, device)
     console = Console(dist.is_main, cfg.progress)
     console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(dist.size)},
                    world=f"{dist.size} process(es), device {device}, global batch "
@@ -41,6 +45,8 @@ def run(cfg: Config, entry: str) -> int:
     configure_determinism(cfg.deterministic, cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, before the broadcast
     model = build_model(cfg.model, data.num_classes)
+    if cfg.enable_model_parallel:  # before .to(device): the dense layer never reaches the GPU
+        convert_parallel_linear(model, cfg.model_parallel_dim, dist)
     if cfg.sync_bn:
         model = dist.sync_batchnorm(model)
     precision = Precision(device, cfg.precision_policy(), cfg.channels_last)
@@ -48,7 +54,8 @@ def run(cfg: Config, entry: str) -> int:
     optimizer = dist.distributed_optimizer(
         build_optimizer(cfg, model, cfg.lr(dist.size)), model,
         backward_passes_per_step=cfg.batches_per_allreduce, fp16_allreduce=cfg.fp16_allreduce,
-        adasum=cfg.use_adasum, predivide=cfg.gradient_predivide_factor)
+        adasum=cfg.use_adasum, predivide=cfg.gradient_predivide_factor, exclude=sharded_parameter_names(model))
+    share_norms(optimizer, model, dist)
     steps_per_epoch = data.batches_per_epoch // cfg.batches_per_allreduce
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
 
@@ -63,8 +70,9 @@ def run(cfg: Config, entry: str) -> int:
 
     def save(pos: Position, epoch_end: bool) -> None:
         rng = dist.allgather_object(torch.get_rng_state(), name="rng")  # collective: every rank
+        model_state, optimizer_state = dense_state(model, optimizer, dist)  # collective when sharded
         if dist.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": model_state, "optimizer": optimizer_state,
                      "scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
                      "epoch": pos.epoch, "step": pos.step, "epoch_step": pos.epoch_step, "rng": rng,
                      "world_size": dist.size, "args": cfg.to_dict(), "version": checkpoint.VERSION}
@@ -73,7 +81,7 @@ def run(cfg: Config, entry: str) -> int:
             board.flush()
 
     profiler = StepProfiler(cfg.prof, cfg.log_dir / "profile", dist.rank, device, dist, cfg.timeline)
-    result, pos = train(cfg, dist, data, model, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+    result, pos = train(cfg, dist, data, model, build_criterion(cfg, data.num_classes, dist),
                         optimizer, scheduler, precision, save, console, board, stop, profiler, start)
     if result == "profiled":
         console.print(f"profiled {cfg.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
@@ -174,6 +182,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opt
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.wd)
 
 
+def build_criterion(cfg: Config, num_classes: int, dist: Dist) -> torch.nn.Module:
+    if cfg.enable_model_parallel:
+        return ParallelCrossEntropyLoss(num_classes, dist, label_smoothing=cfg.label_smoothing)
+    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     total = cfg.epochs * steps_per_epoch
@@ -202,9 +216,9 @@ def restore(cfg, dist, model, optimizer, scheduler, precision) -> Position:
     problem = dist.broadcast_object(problem, name="resume_check")
     if problem:
         raise UsageError(problem)
-    state = dist.broadcast_object(state, name="checkpoint")
+    state = broadcast_checkpoint(state, model, optimizer, dist)  # each rank: its slice of a sharded layer
     if state is None:
-        dist.broadcast_model(model)
+        dist.broadcast_model(model, exclude=sharded_parameter_names(model))
         return Position()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -19,11 +19,14 @@ def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[tor
 class Meter:
     """Accumulates [loss*n, top1 hits, top5 hits, n]."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, hits=topk_hits):
+        # A model-parallel criterion sees only a slice of every row's logits and brings its
+        # own ``hits`` (counted across the ranks, with the signature of ``topk_hits``).
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.hits = hits
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
-        top1, top5 = topk_hits(logits.detach(), target)
+        top1, top5 = self.hits(logits.detach(), target)
         n = target.numel()
         self.sums += torch.stack([loss.detach().double() * n, top1.double(), top5.double(),
                                   torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])

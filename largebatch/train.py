@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .logs import Throughput
-from .metrics import Meter
+from .metrics import Meter, topk_hits
 
 
 @dataclass
@@ -31,7 +31,7 @@ def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, sa
     device = next(model.parameters()).device
     for epoch in range(start.epoch, cfg.epochs):
         model.train()
-        meter, speed = Meter(device), Throughput()
+        meter, speed = Meter(device, getattr(criterion, "topk_hits", topk_hits)), Throughput()
         console.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos.epoch_step)
         batches = data.train(epoch, start_batch=pos.epoch_step * n_micro)
         while pos.epoch_step < steps_per_epoch:
@@ -101,7 +101,7 @@ def evaluate(model, criterion, batches, precision, dist, device) -> dict:
     """Loss and top-1/top-5 over every validation image once; rank-summed, so it equals a
     single-process evaluation."""
     model.eval()
-    meter = Meter(device)
+    meter = Meter(device, getattr(criterion, "topk_hits", topk_hits))
     for images, labels in batches:
         if images is None:
             continue

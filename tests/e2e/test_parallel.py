@@ -1,0 +1,123 @@
+"""The model-parallel classifier (--enable-model-parallel) in real mpirun jobs: exact
+gradients against the dense model, the parallel cross-entropy against torch's, validation
+against a dense evaluation, and dense checkpoints that resume with 1 and 3 processes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import datasets
+
+from helpers import latest_checkpoint, load_checkpoint, run_job, run_mpi_script
+from largebatch.config import parse_config
+from largebatch.data.folder import val_transform
+from largebatch.metrics import topk_hits
+from largebatch.model import build_model
+from test_bad_input import assert_usage_error
+from test_training import job_args, val_lines
+
+SCRIPTS = Path(__file__).parent / "scripts"
+SMOOTHING = 0.1
+# 77 validation images over 2 ranks are 39 + 38: with batches of 38, rank 0 has one batch
+# more than rank 1, which has to keep step with an empty one.
+MP = ["--enable-model-parallel", "--base-op", "lars", "--label-smoothing", str(SMOOTHING), "--val-batch-size", "38"]
+# Over 3 ranks 26 + 26 + 25: with batches of 25, rank 2 runs out first.
+VAL_3 = ["--val-batch-size", "25"]
+
+
+@pytest.mark.parametrize("dim", [1, 0])
+def test_sharded_steps_equal_dense_steps(dim):
+    proc = run_mpi_script(SCRIPTS / "parallel_step.py", [dim])
+    assert proc.stdout.count("largest difference from dense") == 6  # SGD, LARS, LAMB x 10 and 7 classes
+
+
+def test_parallel_cross_entropy_matches_torch():
+    proc = run_mpi_script(SCRIPTS / "parallel_loss.py", np=3)
+    assert proc.stdout.count("= torch") == 3 * 8  # 3 ranks x 2 class counts x smoothing x ignore_index
+    assert proc.stdout.count("of the dense logits") == 3 * 2
+
+
+def dense_evaluation(data: Path, state: dict) -> dict:
+    """Loss, top-1 and top-5 of the checkpoint's weights on every validation image, one
+    process, a plain torchvision model: what the sharded job's validation must report."""
+    model = build_model("resnet18", state["model"]["fc.weight"].shape[0])
+    model.load_state_dict(state["model"])
+    model.eval()
+    cfg = parse_config(["--train-dir", str(data / "train"), "--val-dir", str(data / "val"),
+                        "--image-size", "16", "--val-resize", "16"])
+    dataset = datasets.ImageFolder(str(data / "val"), transform=val_transform(cfg))
+    images = torch.stack([image for image, _ in dataset])
+    labels = torch.tensor([label for _, label in dataset])
+    with torch.no_grad():
+        logits = model(images)
+    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=SMOOTHING).item()
+    top1, top5 = (100 * h.item() / len(dataset) for h in topk_hits(logits, labels))
+    return {"loss": loss, "top1": top1, "top5": top5, "count": len(dataset)}
+
+
+def assert_validation_is_dense(stdout: str, data: Path, state: dict) -> None:
+    """Only for a one-process run: batch norm statistics are each rank's own (rank 0's are
+    saved), so a multi-rank run validates with statistics the checkpoint does not hold."""
+    reported, expected = val_lines(stdout)[-1], dense_evaluation(data, state)
+    assert reported["count"] == expected["count"]
+    for key in ("top1", "top5"):
+        assert reported[key] == pytest.approx(expected[key], abs=0.006), key
+    assert reported["loss"] == pytest.approx(expected["loss"], rel=1e-3, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(digits_odd, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("model_parallel") / "run"
+    proc = run_job(job_args(digits_odd, run_dir, "--epochs", "2", *MP))
+    return run_dir, proc
+
+
+def test_job_saves_a_dense_classifier(two_process_run):
+    run_dir, proc = two_process_run
+    state = latest_checkpoint(run_dir)
+    dense = build_model("resnet18", 10).state_dict()
+    assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in dense.items()}
+    # LARS's groups hold the weights (ndim > 1) first, then biases and norms: the optimizer's numbering.
+    named = list(build_model("resnet18", 10).named_parameters())
+    order = [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
+    for name in ("fc.weight", "fc.bias"):
+        momentum = state["optimizer"]["state"][order.index(name)]["momentum_buffer"]
+        assert momentum.shape == dense[name].shape and momentum.abs().sum() > 0, f"{name}'s momentum is not dense"
+    reported = val_lines(proc.stdout)
+    assert [v["count"] for v in reported] == [77, 77] and all(v["loss"] < 10 for v in reported)
+
+
+@pytest.mark.parametrize("np, extra", [(1, []), (3, ["--model-parallel-dim", "0", *VAL_3])])
+def test_checkpoint_resumes_with_another_number_of_processes(two_process_run, digits_odd, tmp_path, np, extra):
+    run_dir, _ = two_process_run
+    saved = run_dir / "checkpoint-1.pth.tar"
+    proc = run_job(job_args(digits_odd, tmp_path / "run", "--epochs", "2", *MP, "--resume", saved, *extra), np=np)
+    assert f"resuming from {saved}" in proc.stdout
+    state = latest_checkpoint(tmp_path / "run")
+    steps = len(datasets.ImageFolder(str(digits_odd / "train"))) // np // 16
+    assert (state["epoch"], state["world_size"]) == (2, np)
+    assert state["step"] == load_checkpoint(saved)["step"] + steps
+    if np == 1:
+        assert_validation_is_dense(proc.stdout, digits_odd, state)
+    else:
+        assert val_lines(proc.stdout)[-1]["count"] == 77
+
+
+def test_each_rank_loads_its_slice_and_saves_the_same_dense_state(two_process_run, digits_odd, tmp_path):
+    run_dir, _ = two_process_run
+    flags = job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, *VAL_3)
+    proc = run_mpi_script(SCRIPTS / "parallel_checkpoint.py", [run_dir / "checkpoint-2.pth.tar", tmp_path, *flags],
+                          np=3)
+    assert proc.stdout.count("dense state reassembled unchanged") == 3 * 2
+    assert proc.stdout.count("equals the dense model's") == 3 * 2
+
+
+def test_models_that_cannot_be_split_are_refused(tmp_path):
+    proc = run_job(["--synthetic", "--model", "squeezenet1_0", "--enable-model-parallel", "--log-dir", tmp_path / "a",
+                    "--epochs", "1", "--warmup-epochs", "0"], np=1, check=False)
+    assert_usage_error(proc, "--enable-model-parallel", "nn.Linear")
+    proc = run_job(["--synthetic", "--model", "resnet18", "--num-classes", "1", "--enable-model-parallel",
+                    "--image-size", "16", "--val-resize", "16", "--log-dir", tmp_path / "b", "--epochs", "1",
+                    "--warmup-epochs", "0"], np=2, check=False, timeout=120)
+    assert_usage_error(proc, "1 classes over 2 processes")
