@@ -3,7 +3,9 @@
 A checkpoint is one ``torch.save`` dict with the keys ``model``, ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``step`` (optimizer steps
 completed), ``epoch_step`` (steps completed within ``epoch``; the data order's position),
-``rng`` (each rank's torch RNG state), ``world_size``, ``args`` and ``version``. Only plain
+``rng`` (each rank's torch RNG state), ``rank_buffers`` (each rank's batch-norm running
+statistics, which differ between the epoch-end averagings), ``world_size``, ``args`` and
+``version``. Only plain
 types and tensors go in, so it loads with ``torch.load(weights_only=True)``.
 
 The run directory keeps ``checkpoints.json``, the list of files in the order written; the

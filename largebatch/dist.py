@@ -59,6 +59,23 @@ class Dist:
             if carrier is not tensor:
                 tensor.copy_(carrier)
 
+    def average_buffers(self, model: torch.nn.Module) -> None:
+        """Average floating-point buffers (batch norm's running statistics) across ranks.
+
+        Each rank's statistics come from its own batches; averaged, every rank validates
+        with the same model and the checkpoint holds the statistics all ranks used.
+        """
+        hvd = _horovod()
+        handles = []
+        for name, tensor in model.named_buffers():
+            if tensor.is_floating_point():
+                carrier = _carrier(tensor)
+                handles.append((tensor, carrier, hvd.allreduce_async_(carrier, op=hvd.Average, name=f"buf.{name}")))
+        for tensor, carrier, handle in handles:
+            hvd.synchronize(handle)
+            if carrier is not tensor:
+                tensor.copy_(carrier)
+
     def broadcast_object(self, obj, name: str = "object"):
         return _horovod().broadcast_object(obj, root_rank=0, name=name)
 

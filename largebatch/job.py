@@ -69,12 +69,17 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     board = Board(cfg.log_dir, dist.is_main, purge_step=start.step + 1 if start.step else None)
 
     def save(pos: Position, epoch_end: bool) -> None:
-        rng = dist.allgather_object(torch.get_rng_state(), name="rng")  # collective: every rank
+        # Collectives, every rank: what differs by rank and an exact resume needs (the RNG,
+        # and batch norm's running statistics between epoch-end averagings).
+        rng = dist.allgather_object(torch.get_rng_state(), name="rng")
+        buffers = dist.allgather_object({k: v.cpu() for k, v in model.named_buffers() if v.is_floating_point()},
+                                        name="buffers")
         model_state, optimizer_state = dense_state(model, optimizer, dist)  # collective when sharded
         if dist.is_main:
             state = {"model": model_state, "optimizer": optimizer_state,
                      "scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
                      "epoch": pos.epoch, "step": pos.step, "epoch_step": pos.epoch_step, "rng": rng,
+                     "rank_buffers": buffers,
                      "world_size": dist.size, "args": cfg.to_dict(), "version": checkpoint.VERSION}
             path = checkpoints(cfg).save(state, epoch_end)
             write_status(cfg.log_dir, "running", pos, path)
@@ -226,6 +231,9 @@ def restore(cfg, dist, model, optimizer, scheduler, precision) -> Position:
     precision.load_state_dict(state.get("scaler"))
     if state.get("world_size") == dist.size and state.get("rng"):
         torch.set_rng_state(state["rng"][dist.rank])
+        own = dict(model.named_buffers())
+        for name, value in state.get("rank_buffers", [{}] * dist.size)[dist.rank].items():
+            own[name].copy_(value)
     return Position(state["epoch"], state["step"], state.get("epoch_step", 0))
 
 

@@ -51,6 +51,7 @@ def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, sa
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
                 save(pos, epoch_end=False)
         batches.close()
+        dist.average_buffers(model)  # one set of BN statistics for validation and the checkpoint
         val = evaluate(model, criterion, data.val(), precision, dist, device)
         board.scalars(pos.step, {"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
                                  "epoch": epoch + 1})
