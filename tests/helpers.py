@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,36 @@ def run_job(args: list, np: int = 2, script: str = TRAIN, timeout: float = 600,
 def run_mpi_script(script: Path, args: list = (), np: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a helper script of the tests under mpirun; fails the test on a non-zero exit."""
     return run_job(list(args), np=np, script=str(script), timeout=timeout)
+
+
+def signal_ranks(marker: str, sig: int) -> int:
+    """Signal the rank processes (python, not the launcher) whose command line has marker."""
+    pids = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    sent = 0
+    for pid in map(int, pids):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if cmdline and "python" in Path(cmdline[0].decode()).name:
+            os.kill(pid, sig)
+            sent += 1
+    return sent
+
+
+def run_and_signal(args: list, when: str, marker: str, np: int = 2, script: str = TRAIN,
+                   sig: int = signal.SIGUSR1) -> str:
+    """Run the job under mpirun; when a line of its output contains ``when``, send ``sig``
+    to every rank whose command line contains ``marker``. Returns the output; the job
+    must exit 0 (a signalled job checkpoints and leaves cleanly)."""
+    proc = subprocess.Popen(mpi_command(np, script, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env(), cwd=ROOT)
+    output, sent = [], 0
+    for line in proc.stdout:
+        output.append(line)
+        if when in line and not sent:
+            sent = signal_ranks(marker, sig)
+    text = "".join(output)
+    assert proc.wait(timeout=300) == 0, text
+    assert sent == np, f"signalled {sent} of {np} ranks\n{text}"
+    return text
 
 
 def load_checkpoint(path: Path) -> dict:

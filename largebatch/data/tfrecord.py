@@ -53,7 +53,7 @@ import os
 import struct
 import sys
 from dataclasses import dataclass
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import google_crc32c
@@ -395,7 +395,9 @@ def _run_pool(function, tasks: list, workers: int, total: int, desc: str, weight
                 results.append(function(task))
                 bar.update(weight(task))
             return results
-        with Pool(min(workers, len(tasks))) as pool:
+        # spawn, not fork: the progress bar's monitor thread is running, and a forked child
+        # can inherit a lock that thread holds and wait on it forever.
+        with get_context("spawn").Pool(min(workers, len(tasks))) as pool:
             for task, result in pool.imap_unordered(partial(_with_task, function), tasks):
                 results.append(result)
                 bar.update(weight(task))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import FAST, PYTHON, ROOT, TRAIN, TRAIN_DALI, env, latest_checkpoint, mpi_command, run_job, run_mpi_script
+from helpers import FAST, PYTHON, ROOT, TRAIN, TRAIN_DALI, env, latest_checkpoint, mpi_command, run_and_signal, run_job, run_mpi_script
 from largebatch.config import UsageError, parse_config
 from largebatch.data import tfrecord
 from largebatch.data.dali import DaliInput
@@ -268,19 +267,6 @@ def test_gpu_pipeline_without_gpu_is_a_one_line_error(records, tmp_path):
 
 # --- the training job ---------------------------------------------------------------------------
 
-def _signal_ranks(marker: str, sig: int) -> int:
-    """Signal the rank processes (python, not the launcher) whose command line has marker."""
-    import os
-
-    sent = 0
-    for pid in map(int, subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()):
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if cmdline and b"python" in Path(cmdline[0].decode()).name.encode():
-            os.kill(pid, sig)
-            sent += 1
-    return sent
-
-
 def test_dali_job_trains_resumes_and_logs_like_torchvision(digits, records, tmp_path):
     """Two ranks, TFRecords, CPU pipeline: stopped mid-epoch by SIGUSR1, resumed with
     --resume auto, and the result equals an uninterrupted run (the resumed epoch replays
@@ -297,16 +283,9 @@ def test_dali_job_trains_resumes_and_logs_like_torchvision(digits, records, tmp_
         assert job.returncode == 0, out
 
     args = ["--data-dir", records, *common, "--log-dir", interrupted]
-    proc = subprocess.Popen(mpi_command(2, TRAIN_DALI, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env(), cwd=ROOT)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if "epoch 2/2 step 3/" in line:
-            assert _signal_ranks(str(interrupted), signal.SIGUSR1) == 2
-    assert proc.wait(timeout=300) == 0, "".join(output)
+    output = run_and_signal(args, when="epoch 2/2 step 3/", marker=str(interrupted), script=TRAIN_DALI)
     status = json.loads((interrupted / "status.json").read_text())
-    assert status["state"] == "stopped", "".join(output)
+    assert status["state"] == "stopped", output
     steps_per_epoch = (len(datasets.ImageFolder(str(digits / "train"))) // 2) // 16
     assert steps_per_epoch + 3 <= status["step"] < 2 * steps_per_epoch
 

@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision import datasets
 
-from helpers import FAST, ROOT, latest_checkpoint, load_checkpoint, mpi_command, env, run_job, run_mpi_script, TRAIN
+from helpers import FAST, latest_checkpoint, load_checkpoint, run_and_signal, run_job, run_mpi_script
 from largebatch.data.folder import val_transform
 from largebatch.config import parse_config
 from largebatch.events import histogram_tags, read_scalars
@@ -86,33 +82,14 @@ def test_checkpoints_status_and_tensorboard(digits, tmp_path):
     assert "already finished" in again.stdout
 
 
-def _signal_ranks(marker: str, sig: int) -> int:
-    """Signal the rank processes (python, not the launcher) whose command line has marker."""
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-    sent = 0
-    for pid in map(int, out):
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if cmdline and b"python" in Path(cmdline[0].decode()).name.encode():
-            os.kill(pid, sig)
-            sent += 1
-    return sent
-
-
 def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_job(job_args(digits, straight, "--epochs", "2", "--seed", "7"))
 
     args = job_args(digits, interrupted, "--epochs", "2", "--seed", "7")
-    proc = subprocess.Popen(mpi_command(2, TRAIN, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env(), cwd=ROOT)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if "epoch 1/2 step 4/" in line:
-            assert _signal_ranks(str(interrupted), signal.SIGUSR1) == 2
-    assert proc.wait(timeout=300) == 0, "".join(output)
+    output = run_and_signal(args, when="epoch 1/2 step 4/", marker=str(interrupted))
     status = json.loads((interrupted / "status.json").read_text())
-    assert status["state"] == "stopped", "".join(output)
+    assert status["state"] == "stopped", output
     assert 4 <= status["step"] < 20
 
     resumed = run_job(args)
