@@ -66,7 +66,46 @@ def _concat_or_none(ratios: List[torch.Tensor]) -> Optional[torch.Tensor]:
     return torch.cat(ratios) if ratios else None
 
 
-class LARS(torch.optim.Optimizer):
+class _LayerwiseOptimizer(torch.optim.Optimizer):
+    """What LARS and LAMB share: the step over param groups, and the last trust ratios
+    kept on the device for logging. Subclasses implement ``_update_group``."""
+
+    def __init__(self, params, defaults):
+        super().__init__(params, defaults)
+        self.last_trust_ratios: Optional[torch.Tensor] = None
+        self.norms_across_shards: Optional[Callable] = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and
+                returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        adapted_ratios = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            trust = self._update_group(group, params, grads)
+            if trust is not None:
+                adapted_ratios.append(trust)
+        self.last_trust_ratios = _concat_or_none(adapted_ratios)
+        return loss
+
+    def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
+        raise NotImplementedError
+
+
+class LARS(_LayerwiseOptimizer):
     r"""Layer-wise Adaptive Rate Scaling (LARS) with momentum.
 
     For every parameter tensor :math:`w` with gradient :math:`g`, learning
@@ -171,80 +210,55 @@ class LARS(torch.optim.Optimizer):
             nesterov=nesterov,
         )
         super().__init__(params, defaults)
-        self.last_trust_ratios: Optional[torch.Tensor] = None
-        self.norms_across_shards: Optional[Callable] = None
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step.
+    def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
+        """Update one group's params in place; returns its trust ratios (None if not adapted)."""
+        lr = group["lr"]
+        momentum = group["momentum"]
+        weight_decay = group["weight_decay"]
 
-        Args:
-            closure: optional callable that re-evaluates the model and
-                returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        # New tensors rather than in-place on p.grad: callers (gradient
+        # clipping, logging, Horovod's allreduce buffers) may still use it.
+        if weight_decay != 0:
+            updates = torch._foreach_add(grads, params, alpha=weight_decay)
+        else:
+            updates = [g.clone() for g in grads]
 
-        adapted_ratios = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("LARS does not support sparse gradients")
+        if group["lars_adaptation"]:
+            trust = _trust_ratios(
+                _norms(self, params, params),
+                _norms(self, params, grads),
+                numerator_scale=group["eta"],
+                d_w_scale=weight_decay,
+                epsilon=group["epsilon"],
+                trust_clip=group["trust_clip"],
+            )
+            torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
+        else:
+            torch._foreach_mul_(updates, lr)
 
-            lr = group["lr"]
-            momentum = group["momentum"]
-            weight_decay = group["weight_decay"]
-
-            # New tensors rather than in-place on p.grad: callers (gradient
-            # clipping, logging, Horovod's allreduce buffers) may still use it.
-            if weight_decay != 0:
-                updates = torch._foreach_add(grads, params, alpha=weight_decay)
+        if momentum != 0:
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    # The TF reference starts its accumulator at zero.
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, updates)
+            if group["nesterov"]:
+                torch._foreach_add_(updates, bufs, alpha=momentum)
             else:
-                updates = [g.clone() for g in grads]
+                updates = bufs
 
-            if group["lars_adaptation"]:
-                trust = _trust_ratios(
-                    _norms(self, params, params),
-                    _norms(self, params, grads),
-                    numerator_scale=group["eta"],
-                    d_w_scale=weight_decay,
-                    epsilon=group["epsilon"],
-                    trust_clip=group["trust_clip"],
-                )
-                adapted_ratios.append(trust)
-                torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
-            else:
-                torch._foreach_mul_(updates, lr)
-
-            if momentum != 0:
-                bufs = []
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        # The TF reference starts its accumulator at zero.
-                        state["momentum_buffer"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
-                    bufs.append(state["momentum_buffer"])
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, updates)
-                if group["nesterov"]:
-                    torch._foreach_add_(updates, bufs, alpha=momentum)
-                else:
-                    updates = bufs
-
-            torch._foreach_sub_(params, updates)
-
-        self.last_trust_ratios = _concat_or_none(adapted_ratios)
-        return loss
+        torch._foreach_sub_(params, updates)
+        return trust if group["lars_adaptation"] else None
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_LayerwiseOptimizer):
     r"""Layer-wise Adaptive Moments for Batch training (LAMB).
 
     For every parameter tensor :math:`w` with gradient :math:`g` at its
@@ -324,83 +338,58 @@ class LAMB(torch.optim.Optimizer):
             lars_adaptation=lars_adaptation,
         )
         super().__init__(params, defaults)
-        self.last_trust_ratios: Optional[torch.Tensor] = None
-        self.norms_across_shards: Optional[Callable] = None
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step.
-
-        Args:
-            closure: optional callable that re-evaluates the model and
-                returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        adapted_ratios = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("LAMB does not support sparse gradients")
-
-            beta1, beta2 = group["betas"]
-            exp_avgs, exp_avg_sqs, steps = [], [], []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                state["step"] += 1
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-
-            # Bias corrections are Python floats (from Python int steps), so
-            # they enter the foreach kernels as scalars, not device reads.
-            bias_correction1 = [1 - beta1**t for t in steps]
-            bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, bias_correction2_sqrt)
-            torch._foreach_add_(denom, group["eps"])
-            updates = torch._foreach_div(exp_avgs, denom)
-            torch._foreach_div_(updates, bias_correction1)
-            if group["weight_decay"] != 0:
-                torch._foreach_add_(updates, params, alpha=group["weight_decay"])
-
-            lr = group["lr"]
-            if group["lars_adaptation"]:
-                trust = _trust_ratios(
-                    _norms(self, params, params),
-                    _norms(self, params, updates),
-                    numerator_scale=1.0,
-                    d_w_scale=0.0,
-                    epsilon=0.0,
-                    trust_clip=group["trust_clip"],
+    def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
+        """Update one group's params in place; returns its trust ratios (None if not adapted)."""
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
                 )
-                adapted_ratios.append(trust)
-                torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
-            else:
-                torch._foreach_mul_(updates, lr)
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
+            state["step"] += 1
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
 
-            torch._foreach_sub_(params, updates)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
-        self.last_trust_ratios = _concat_or_none(adapted_ratios)
-        return loss
+        # Bias corrections are Python floats (from Python int steps), so
+        # they enter the foreach kernels as scalars, not device reads.
+        bias_correction1 = [1 - beta1**t for t in steps]
+        bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(updates, bias_correction1)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+
+        lr = group["lr"]
+        if group["lars_adaptation"]:
+            trust = _trust_ratios(
+                _norms(self, params, params),
+                _norms(self, params, updates),
+                numerator_scale=1.0,
+                d_w_scale=0.0,
+                epsilon=0.0,
+                trust_clip=group["trust_clip"],
+            )
+            torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
+        else:
+            torch._foreach_mul_(updates, lr)
+
+        torch._foreach_sub_(params, updates)
+        return trust if group["lars_adaptation"] else None
 
 
 def _split_param_groups(
