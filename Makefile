@@ -9,7 +9,7 @@ DATA    := data/digits
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench convergence clean
 
 setup:
 	@bash tools/setup.sh
@@ -25,6 +25,19 @@ demo: setup $(DATA)/train
 
 test: setup
 	$(PY) -m pytest tests -q -ra
+
+# Ratios against baselines measured in the same run: bench/results/*.json, tables printed and
+# collected in bench/results/benchmarks.md (docs/benchmarks.md). The GPU part skips without one.
+bench: setup
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_optimizer.py
+	@if [ -f bench/bench_input.py ]; then $(PY) bench/bench_input.py; fi
+	$(PY) bench/bench_gpu.py
+	$(PY) bench/tables.py
+
+# Small batch vs large batch (SGD, LARS, accumulation) on the digits, 3 seeds: bench/results/convergence.*
+convergence: setup
+	$(PY) bench/convergence.py
 
 clean:
 	rm -rf runs data

@@ -39,6 +39,30 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(steps.items()) for tag, steps in values.items()}
 
 
+def read_scalars_timed(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Like ``read_scalars``, with each value's wall-clock time (seconds since the epoch):
+    {tag: [(step, value, wall_time), ...]}, for durations and throughput between steps."""
+    values: dict[str, dict[int, tuple[float, float]]] = {}
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        for payload in read_records(path):
+            event = event_pb2.Event.FromString(payload)
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    values.setdefault(v.tag, {})[event.step] = (v.simple_value, event.wall_time)
+    return {tag: [(step, value, t) for step, (value, t) in sorted(steps.items())] for tag, steps in values.items()}
+
+
+def wall_time_spans(run_dir: Path) -> list[tuple[float, float]]:
+    """(first, last) wall-clock time of the records of each event file: one file per start
+    of the job, so their sum is the time spent training without the gaps between resumes."""
+    spans = []
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        times = [event_pb2.Event.FromString(payload).wall_time for payload in read_records(path)]
+        if times:
+            spans.append((min(times), max(times)))
+    return spans
+
+
 def histogram_tags(run_dir: Path) -> set[str]:
     tags = set()
     for path in Path(run_dir).glob("events.out.tfevents.*"):
