@@ -29,14 +29,7 @@ def read_records(path: Path):
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...]} over every event file in ``run_dir``, in step order.
     A step written again after a resume replaces the earlier value."""
-    values: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
-        for payload in read_records(path):
-            event = event_pb2.Event.FromString(payload)
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    values.setdefault(v.tag, {})[event.step] = v.simple_value
-    return {tag: sorted(steps.items()) for tag, steps in values.items()}
+    return {tag: [(step, value) for step, value, _ in rows] for tag, rows in read_scalars_timed(run_dir).items()}
 
 
 def read_scalars_timed(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
