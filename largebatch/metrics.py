@@ -31,10 +31,6 @@ class Meter:
         self.sums += torch.stack([loss.detach().double() * n, top1.double(), top5.double(),
                                   torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
 
-    def add_sums(self, sums: torch.Tensor) -> None:
-        """Add already-reduced [loss*n, top1, top5, n] (from a model-parallel head)."""
-        self.sums += sums.to(self.sums)
-
     def reduce(self, dist, name: str) -> dict:
         """Average over every sample of every rank since the last reset."""
         total = dist.allreduce_sum(self.sums.cpu(), name=name) if dist is not None else self.sums.cpu()
