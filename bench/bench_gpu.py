@@ -159,7 +159,7 @@ def main(argv=None) -> int:
                              "vs_nvidia_a100_amp": round(median / ANCHORS[0][1], 3),
                              "vs_mlperf_h100": round(median / ANCHORS[1][1], 3)})
 
-    report = {"command": "python bench/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": " ".join(["python bench/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": {**machine, "load_average_at_end": load()},
               "settings": {"model": args.model, "image_size": args.image_size, "batch": args.batch_size,
                            "channels_last": True, "processes": 1, "steps": args.steps,

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                      "vs_sgd_per_round": [round(x, 3) for x in per_round]})
     naive = "LARS (per-tensor, host sync)"
     speedup = statistics.median(n / f for n, f in zip(ms[naive], ms["LARS (lars.py)"]))
-    report = {"command": "python bench/bench_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": " ".join(["python bench/bench_optimizer.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": {**machine, "load_average_at_end": load()},
               "settings": {"model": args.model, "parameters": n_params, "tensors": n_tensors, "device": str(device),
                            "threads": args.threads if device.type == "cpu" else None, "rounds": args.rounds,

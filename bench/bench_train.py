@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                                           "median": round(statistics.median(per_round), 4)}
         results.append(row)
 
-    report = {"command": "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": " ".join(["python bench/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": {**machine, "load_average_at_end": load()},
               "settings": {"model": args.model, "image_size": args.image_size, "batch_per_process": args.batch_size,
                            "steps": args.steps, "measured_steps": args.steps - args.warmup_steps,

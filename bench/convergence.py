@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                   for r in rows]
         text = "\n".join(table) + "\n"
         (args.out / "convergence_sweep.json").write_text(json.dumps(
-            {"command": "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            {"command": " ".join(["python bench/convergence.py", *(argv if argv is not None else sys.argv[1:])]),
              "seed": SWEEP_SEED, "epochs": args.epochs, "machine": machine,
              "results": rows, "seconds": round(time.perf_counter() - start)}, indent=1) + "\n")
         (args.out / "convergence_sweep.md").write_text(text)
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
                      f"| {report.duration(g['seconds_mean'])} |")
     text = "\n".join(lines) + "\n"
     (args.out / "convergence.md").write_text(text)
-    record = {"command": "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": " ".join(["python bench/convergence.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": machine, "seconds": round(time.perf_counter() - start)}
     if args.report_only and (args.out / "convergence.json").is_file():  # keep what the training run recorded
         previous = json.loads((args.out / "convergence.json").read_text())
