@@ -77,8 +77,8 @@ def worker(args) -> None:
     if args.layout == "dense":
         dist, rank, size = None, 0, 1
     else:
-        from largebatch.dist import Dist
-        dist = Dist.init()
+        from largebatch.engines import init_engine
+        dist = init_engine()
         rank, size = dist.rank, dist.size
     g = torch.Generator().manual_seed(rank)
     rows = args.batch // size + (1 if rank < args.batch % size else 0)

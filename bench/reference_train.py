@@ -10,7 +10,7 @@ torchvision model, cross-entropy, SGD with momentum and weight decay wrapped by
 all ranks, from the end of step ``--warmup-steps`` to the end of step ``--steps``.
 
 It imports Horovod directly, on purpose: it is the plain Horovod loop our job is measured
-against, so it must not go through ``largebatch.dist``.
+against, so it must not go through ``largebatch.engines``.
 """
 from __future__ import annotations
 

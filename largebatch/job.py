@@ -1,8 +1,9 @@
 """Build everything a run needs from its Config, then hand it to the training loop.
 
-The order matters and is the one place where it is spelled out: distribution, device,
-run directory, data, model, optimizer (wrapped by Horovod), schedule, then either the
-checkpoint's state or rank 0's fresh weights, then the loop.
+The order matters and is the one place where it is spelled out: the engine, the device,
+the run directory, the input, the training state (model, optimizer with the engine's
+gradient averaging, schedule, precision), then either the checkpoint's state or rank 0's
+fresh weights, then the loop.
 """
 from __future__ import annotations
 
@@ -18,89 +19,109 @@ import schedulers
 
 from . import checkpoint
 from .config import Config, UsageError
-from .dist import Dist
+from .engines import Engine, init_engine
 from .logs import Board, Console
 from .model import build_model
-from .parallel import (LockstepInput, ParallelCrossEntropyLoss, broadcast_checkpoint, convert_parallel_linear,
-                       dense_state, share_norms, sharded_parameter_names)
+from .parallel import build_classifier
 from .precision import Precision
 from .profiling import StepProfiler
+from .state import Position, TrainState
 from .stop import StopRequest
-from .train import Position, train
+from .train import Hooks, train
 
 
 def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
-    dist = Dist.init(timeline=cfg.timeline)
-    device = pick_device(cfg, dist)
-    prepare_run_dir(cfg.log_dir, dist)
-    data = build_input(cfg, entry, dist, device)
-    if cfg.enable_model_parallel:  # the sharded classifier is a collective: no rank may skip a batch
-        data = LockstepInput(data, dist, cfg.image_size, device)
-    console = Console(dist.is_main, cfg.progress)
-    console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(dist.size)},
-                   world=f"{dist.size} process(es), device {device}, global batch "
-                         f"{cfg.batch_size * cfg.batches_per_allreduce * dist.size}")
+    engine = init_engine(timeline=cfg.timeline)
+    device = pick_device(cfg, engine)
+    prepare_run_dir(cfg.log_dir, engine)
+    data = build_input(cfg, entry, engine, device)
+    console = Console(engine.is_main, cfg.progress)
+    console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(engine.size)},
+                   world=f"{engine.size} process(es), {engine.name} engine, device {device}, global batch "
+                         f"{cfg.batch_size * cfg.batches_per_allreduce * engine.size}")
 
-    configure_determinism(cfg.deterministic, cfg.seed + dist.rank)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, before the broadcast
-    model = build_model(cfg.model, data.num_classes)
-    if cfg.enable_model_parallel:  # before .to(device): the dense layer never reaches the GPU
-        convert_parallel_linear(model, cfg.model_parallel_dim, dist)
-    if cfg.sync_bn:
-        model = dist.sync_batchnorm(model)
-    precision = Precision(device, cfg.precision_policy(), cfg.channels_last)
-    model = precision.prepare(model.to(device))
-    optimizer = dist.distributed_optimizer(
-        build_optimizer(cfg, model, cfg.lr(dist.size)), model,
-        backward_passes_per_step=cfg.batches_per_allreduce, fp16_allreduce=cfg.fp16_allreduce,
-        adasum=cfg.use_adasum, predivide=cfg.gradient_predivide_factor, exclude=sharded_parameter_names(model))
-    share_norms(optimizer, model, dist)
-    steps_per_epoch = data.batches_per_epoch // cfg.batches_per_allreduce
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-
-    start = restore(cfg, dist, model, optimizer, scheduler, precision)
-    torch.manual_seed(cfg.seed + dist.rank)  # ranks differ from here on (dropout, say)
-    if start.epoch >= cfg.epochs:
+    configure_determinism(cfg.deterministic, cfg.seed + engine.rank)
+    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.batches_per_allreduce)
+    data = state.classifier.input(data, cfg.image_size, device)
+    torch.manual_seed(cfg.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
+    state.start(read_checkpoint(cfg, engine))
+    if state.position.epoch >= cfg.epochs:
         console.print(f"{cfg.log_dir} already finished its {cfg.epochs} epochs; nothing to do "
                       f"(a new run needs a new --log-dir)")
         return 0
 
-    board = Board(cfg.log_dir, dist.is_main, purge_step=start.step + 1 if start.step else None)
-
-    def save(pos: Position, epoch_end: bool) -> None:
-        # Collectives, every rank: what differs by rank and an exact resume needs (the RNG,
-        # and batch norm's running statistics between epoch-end averagings).
-        rng = dist.allgather_object(torch.get_rng_state(), name="rng")
-        buffers = dist.allgather_object({k: v.cpu() for k, v in model.named_buffers() if v.is_floating_point()},
-                                        name="buffers")
-        model_state, optimizer_state = dense_state(model, optimizer, dist)  # collective when sharded
-        if dist.is_main:
-            state = {"model": model_state, "optimizer": optimizer_state,
-                     "scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
-                     "epoch": pos.epoch, "step": pos.step, "epoch_step": pos.epoch_step, "rng": rng,
-                     "rank_buffers": buffers,
-                     "world_size": dist.size, "args": cfg.to_dict(), "version": checkpoint.VERSION}
-            path = checkpoints(cfg).save(state, epoch_end)
-            write_status(cfg.log_dir, "running", pos, path)
-            board.flush()
-
-    profiler = StepProfiler(cfg.prof, cfg.log_dir / "profile", dist.rank, device, dist, cfg.timeline)
-    result, pos = train(cfg, dist, data, model, build_criterion(cfg, data.num_classes, dist),
-                        optimizer, scheduler, precision, save, console, board, stop, profiler, start)
+    step = state.position.step
+    board = Board(cfg.log_dir, engine.is_main, purge_step=step + 1 if step else None)
+    profiler = StepProfiler(cfg.prof, cfg.log_dir / "profile", engine.rank, device, engine, cfg.timeline)
+    result = train(state, data, cfg, Hooks(console, board, stop, profiler, saver(cfg, board)))
     if result == "profiled":
         console.print(f"profiled {cfg.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
-    if dist.is_main:
-        latest = checkpoints(cfg).latest()
-        write_status(cfg.log_dir, result, pos, latest)
+    if engine.is_main:
+        write_status(cfg.log_dir, result, state.position, checkpoints(cfg).latest())
         console.print(f"{result}: run directory {cfg.log_dir} (TensorBoard: tensorboard --logdir {cfg.log_dir})")
     board.close()
     if data.bad_files:
-        print(f"warning: rank {dist.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
+        print(f"warning: rank {engine.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
     return 0
 
 
-def pick_device(cfg: Config, dist: Dist) -> torch.device:
+def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: int, steps_per_epoch: int,
+                model: torch.nn.Module | None = None) -> TrainState:
+    """The model (``model``, or ``cfg.model`` built fresh), its classifier split or not,
+    precision, the optimizer with the engine's gradient averaging, and the schedule. Every
+    rank builds the same initial weights (same seed); ``TrainState.start`` then makes them
+    rank 0's or the checkpoint's."""
+    classifier = build_classifier(engine, num_classes, cfg.label_smoothing, cfg.enable_model_parallel,
+                                  cfg.model_parallel_dim)
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, num_classes)
+    model = classifier.convert(model)  # before .to(device): the dense layer never reaches the GPU
+    if cfg.sync_bn:
+        model = engine.sync_batchnorm(model)
+    precision = Precision(device, cfg.precision_policy(), cfg.channels_last)
+    model = precision.prepare(model.to(device))
+    gradients = engine.gradients(build_optimizer(cfg, model, cfg.lr(engine.size)), model,
+                                 micro_batches=cfg.batches_per_allreduce, fp16_allreduce=cfg.fp16_allreduce,
+                                 adasum=cfg.use_adasum, predivide=cfg.gradient_predivide_factor,
+                                 exclude=classifier.owned(model))
+    optimizer = gradients.optimizer
+    classifier.attach(optimizer, model)
+    return TrainState(engine, model, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch), precision,
+                      classifier, gradients, args=cfg.to_dict())
+
+
+def saver(cfg: Config, board: Board):
+    """The loop's save hook: every rank contributes to the checkpoint, rank 0 writes it."""
+    store = checkpoints(cfg)
+
+    def save(state: TrainState, epoch_end: bool) -> None:
+        checkpoint_dict = state.state_dict()
+        if checkpoint_dict is not None:
+            path = store.save(checkpoint_dict, epoch_end)
+            write_status(cfg.log_dir, "running", state.position, path)
+            board.flush()
+
+    return save
+
+
+def read_checkpoint(cfg: Config, engine: Engine) -> dict | None:
+    """Rank 0 finds and reads the checkpoint to resume from (None: start fresh; None on the
+    other ranks); a problem stops every rank."""
+    state, problem = None, ""
+    if engine.is_main:
+        try:
+            state = find_checkpoint(cfg)
+        except UsageError as e:
+            problem = str(e)
+    problem = engine.broadcast_object(problem, name="resume_check")
+    if problem:
+        raise UsageError(problem)
+    return state
+
+
+def pick_device(cfg: Config, engine: Engine) -> torch.device:
     if cfg.no_cuda or not torch.cuda.is_available():
         policy = cfg.precision_policy()
         if policy.needs_gpu:
@@ -110,7 +131,7 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
         if cfg.sync_bn:
             raise UsageError("--sync-bn needs GPUs (Horovod's SyncBatchNorm runs on CUDA tensors only)")
         return torch.device("cpu")
-    torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(engine.local_rank % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -130,10 +151,10 @@ def configure_determinism(deterministic: bool, seed: int) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def prepare_run_dir(log_dir: Path, dist: Dist) -> None:
+def prepare_run_dir(log_dir: Path, engine: Engine) -> None:
     """Create the run directory and prove it writable, on rank 0, and tell every rank."""
     problem = ""
-    if dist.is_main:
+    if engine.is_main:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             probe = log_dir / f".write-test-{os.getpid()}"
@@ -141,32 +162,32 @@ def prepare_run_dir(log_dir: Path, dist: Dist) -> None:
             probe.unlink()
         except OSError as e:
             problem = f"--log-dir {log_dir} is not writable ({e.strerror or e})"
-    problem = dist.broadcast_object(problem, name="run_dir_check")
+    problem = engine.broadcast_object(problem, name="run_dir_check")
     if problem:
         raise UsageError(problem)
 
 
-def build_input(cfg: Config, entry: str, dist: Dist, device: torch.device):
+def build_input(cfg: Config, entry: str, engine: Engine, device: torch.device):
     """Every rank opens the data; a problem found by any rank stops all of them."""
     problem, data = "", None
     try:
         if cfg.synthetic:
             from .data.synthetic import SyntheticInput
-            data = SyntheticInput(cfg, dist.rank, dist.size, device)
+            data = SyntheticInput(cfg, engine.rank, engine.size, device)
         elif entry == "dali":
             from .data.dali import DaliInput
-            data = DaliInput(cfg, dist.rank, dist.size, device)
+            data = DaliInput(cfg, engine.rank, engine.size, device)
         else:
             from .data.folder import FolderInput
-            data = FolderInput(cfg, dist.rank, dist.size, device)
+            data = FolderInput(cfg, engine.rank, engine.size, device)
     except UsageError as e:
         problem = str(e)
-    problems = [p for p in dist.allgather_object(problem, name="data_check") if p]
+    problems = [p for p in engine.allgather_object(problem, name="data_check") if p]
     if problems:
         raise UsageError(problems[0])
     if data.batches_per_epoch < cfg.batches_per_allreduce:
         raise UsageError(f"--batch-size {cfg.batch_size} x --batches-per-allreduce {cfg.batches_per_allreduce} "
-                         f"x {dist.size} processes is more than one epoch of data")
+                         f"x {engine.size} processes is more than one epoch of data")
     return data
 
 
@@ -187,12 +208,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opt
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.wd)
 
 
-def build_criterion(cfg: Config, num_classes: int, dist: Dist) -> torch.nn.Module:
-    if cfg.enable_model_parallel:
-        return ParallelCrossEntropyLoss(num_classes, dist, label_smoothing=cfg.label_smoothing)
-    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     total = cfg.epochs * steps_per_epoch
@@ -207,34 +222,6 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
 
 def checkpoints(cfg: Config) -> checkpoint.Checkpoints:
     return checkpoint.Checkpoints(cfg.log_dir, cfg.checkpoint_format, cfg.keep_checkpoints)
-
-
-def restore(cfg, dist, model, optimizer, scheduler, precision) -> Position:
-    """Rank 0 finds and reads the checkpoint and sends it to every rank; with none, every
-    rank takes rank 0's initial weights. Returns where training resumes."""
-    state, problem = None, ""
-    if dist.is_main:
-        try:
-            state = find_checkpoint(cfg)
-        except UsageError as e:
-            problem = str(e)
-    problem = dist.broadcast_object(problem, name="resume_check")
-    if problem:
-        raise UsageError(problem)
-    state = broadcast_checkpoint(state, model, optimizer, dist)  # each rank: its slice of a sharded layer
-    if state is None:
-        dist.broadcast_model(model, exclude=sharded_parameter_names(model))
-        return Position()
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    precision.load_state_dict(state.get("scaler"))
-    if state.get("world_size") == dist.size and state.get("rng"):
-        torch.set_rng_state(state["rng"][dist.rank])
-        own = dict(model.named_buffers())
-        for name, value in state.get("rank_buffers", [{}] * dist.size)[dist.rank].items():
-            own[name].copy_(value)
-    return Position(state["epoch"], state["step"], state.get("epoch_step", 0))
 
 
 def find_checkpoint(cfg: Config) -> dict | None:

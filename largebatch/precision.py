@@ -10,14 +10,14 @@
 
 O2 keeps the fp32 master weights as the model's own parameters and runs each forward pass
 on an fp16 cast of them (batch norm excepted), so gradients arrive in the fp32 parameters
-through the cast's backward: Horovod's hooks, LARS and the checkpoints all see one set of
+through the cast's backward: the engine's hooks, LARS and the checkpoints all see one set of
 fp32 weights, and no second optimizer has to mirror them.
 
-Loss scaling happens around Horovod's allreduce: scale the loss, backward, synchronise
-(the allreduce), unscale, then step under ``skip_synchronize()``. A step whose gradients
-hold an inf or NaN is skipped on every rank (the allreduced gradients are identical, so
-all ranks agree) and the scale is lowered; the optimizer never sees scaled gradients, so
-LARS's trust ratio does not depend on the scale.
+Loss scaling happens around the engine's gradient averaging: scale the loss, backward,
+reduce (the allreduce), unscale, then step. A step whose gradients hold an inf or NaN is
+skipped on every rank (the averaged gradients are identical, so all ranks agree) and the
+scale is lowered; the optimizer never sees scaled gradients, so LARS's trust ratio does not
+depend on the scale.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class Precision:
         self._cast_names: set[str] = set()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Put the model in the policy's dtypes and memory format (before Horovod wraps the optimizer)."""
+        """Put the model in the policy's dtypes and memory format (before the engine wraps the optimizer)."""
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         dtype = self.policy.cast_model
@@ -187,9 +187,10 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (loss.float() * self.scaler.scale if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer) -> bool:
-        """Unscale the synchronised gradients and step. Returns False when the gradients
-        overflowed and the step was skipped (weights, momentum and schedule untouched)."""
+    def step(self, optimizer, step) -> bool:
+        """Unscale ``optimizer``'s averaged gradients and call ``step()``. Returns False when
+        the gradients overflowed and the step was skipped (weights, momentum and schedule
+        untouched)."""
         if self.scaler is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             found_inf = self.scaler.unscale_(params)
@@ -197,8 +198,7 @@ class Precision:
             if found_inf.item() > 0:  # the one host sync a scaled step needs
                 self.skipped_steps += 1
                 return False
-        with optimizer.skip_synchronize():
-            optimizer.step()
+        step()
         return True
 
     def scalars(self) -> dict:

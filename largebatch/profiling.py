@@ -15,9 +15,9 @@ WAIT, WARMUP = 2, 2
 
 
 class StepProfiler:
-    def __init__(self, steps: int, out_dir: Path, rank: int, device: torch.device, dist=None, timeline: bool = False):
+    def __init__(self, steps: int, out_dir: Path, rank: int, device: torch.device, engine=None, timeline: bool = False):
         self.steps, self.out_dir, self.rank, self.device = steps, out_dir, rank, device
-        self.dist, self.timeline = dist, timeline
+        self.engine, self.timeline = engine, timeline
         self.count = 0
         self.profiler = None
         if steps:
@@ -40,12 +40,12 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.nvtx.range_pop()
         if self.timeline and self.count == WAIT + WARMUP:
-            self.dist.start_timeline(str(self.out_dir / "horovod_timeline.json"))
+            self.engine.start_timeline(str(self.out_dir / "horovod_timeline.json"))
         self.profiler.step()
         if self.count == WAIT + WARMUP + self.steps:
             self.profiler.stop()
             if self.timeline:
-                self.dist.stop_timeline()
+                self.engine.stop_timeline()
             return True
         self._nvtx_push()
         return False

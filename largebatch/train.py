@@ -1,111 +1,120 @@
 """The training loop: epochs of optimizer steps of micro-batches, validation, checkpoints.
 
-Everything it uses arrives as an argument (see ``job.py`` for how they are built); it
-reads no flags and no globals.
+Everything it uses arrives as an argument (see ``job.py`` for how it is built): the
+training state, the input, the config and the hooks to the outside world. It reads no
+globals and asks no engine- or feature-specific questions.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .logs import Throughput
-from .metrics import Meter, topk_hits
+from .metrics import Meter
+from .state import Position, TrainState
 
 
 @dataclass
-class Position:
-    epoch: int = 0       # epochs completed
-    step: int = 0        # optimizer steps completed
-    epoch_step: int = 0  # steps completed within `epoch`
+class Hooks:
+    """What the loop reports to and listens to."""
+    console: object                                  # logs.Console
+    board: object                                    # logs.Board (TensorBoard)
+    stop: object                                     # stop.StopRequest
+    profiler: object                                 # profiling.StepProfiler
+    save: Callable[[TrainState, bool], None]         # save(state, epoch_end): a collective
 
 
-def train(cfg, dist, data, model, criterion, optimizer, scheduler, precision, save, console, board, stop,
-          profiler, start: Position) -> tuple[str, Position]:
-    """Train from ``start`` to ``cfg.epochs``. Returns ("finished", position); ("stopped",
-    position) after a stop request (a signal), once a checkpoint is written; or
-    ("profiled", position) once --prof's steps are recorded."""
+def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
+    """Train from ``state.position`` to ``cfg.epochs``. Returns "finished"; "stopped" after a
+    stop request (a signal), once a checkpoint is written; or "profiled" once --prof's
+    steps are recorded. ``state.position`` tells where it ended."""
     n_micro = cfg.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
-    pos = Position(start.epoch, start.step, start.epoch_step)
-    device = next(model.parameters()).device
-    for epoch in range(start.epoch, cfg.epochs):
-        model.train()
-        meter, speed = Meter(device, getattr(criterion, "topk_hits", topk_hits)), Throughput()
-        console.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos.epoch_step)
+    engine, pos = state.engine, state.position
+    device = next(state.model.parameters()).device
+    for epoch in range(pos.epoch, cfg.epochs):
+        state.model.train()
+        meter, speed = Meter(device, state.classifier.hits), Throughput()
+        hooks.console.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos.epoch_step)
         batches = data.train(epoch, start_batch=pos.epoch_step * n_micro)
         while pos.epoch_step < steps_per_epoch:
             micro_batches = [next(batches) for _ in range(n_micro)]
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on after it
-            train_step(model, criterion, optimizer, scheduler, precision, micro_batches, meter)
+            lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on after it
+            train_step(state, micro_batches, meter)
             pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
-            if profiler.step():
-                return "profiled", pos
+            if hooks.profiler.step():
+                return "profiled"
             if pos.epoch_step % cfg.print_freq == 0 or pos.epoch_step == steps_per_epoch:
-                report(dist, meter, speed, optimizer, precision, console, board, pos, lr)
-                if stop.agreed(dist):
-                    save(pos, epoch_end=False)
-                    console.end_epoch(f"stopped by {stop.reason} at epoch {epoch + 1} step {pos.epoch_step}; "
-                                      f"checkpoint written, resume with --resume auto")
-                    return "stopped", pos
+                report(state, meter, speed, hooks, lr)
+                if hooks.stop.agreed(engine):
+                    hooks.save(state, False)
+                    hooks.console.end_epoch(f"stopped by {hooks.stop.reason} at epoch {epoch + 1} step "
+                                            f"{pos.epoch_step}; checkpoint written, resume with --resume auto")
+                    return "stopped"
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
-                save(pos, epoch_end=False)
+                hooks.save(state, False)
         batches.close()
-        dist.average_buffers(model)  # one set of BN statistics for validation and the checkpoint
-        val = evaluate(model, criterion, data.val(), precision, dist, device)
-        board.scalars(pos.step, {"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
-                                 "epoch": epoch + 1})
-        pos = Position(epoch + 1, pos.step, 0)
-        save(pos, epoch_end=True)
-        console.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
-                          f"top5 {val['top5']:.2f} ({val['count']} images)")
-        if stop.agreed(dist):
-            return "stopped", pos
-    return "finished", pos
+        engine.average_buffers(state.model)  # one set of BN statistics for validation and the checkpoint
+        val = evaluate(state, data.val())
+        hooks.board.scalars(pos.step, {"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
+                                       "epoch": epoch + 1})
+        pos.epoch, pos.epoch_step = epoch + 1, 0
+        hooks.save(state, True)
+        hooks.console.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
+                                f"top5 {val['top5']:.2f} ({val['count']} images)")
+        if hooks.stop.agreed(engine):
+            return "stopped"
+    return "finished"
 
 
-def train_step(model, criterion, optimizer, scheduler, precision, micro_batches, meter: Meter) -> None:
+def train_step(state: TrainState, micro_batches, meter: Meter) -> None:
     """One optimizer step over ``len(micro_batches)`` micro-batches.
 
-    Horovod's optimizer allreduces after the last backward pass; the loss is divided by
-    the micro-batch count so the step equals one on the concatenated batch. Gradients are
-    synchronised, then unscaled, then stepped, so LARS sees true fp32 gradients.
+    The loss is divided by the micro-batch count so the step equals one on the
+    concatenated batch. Gradients are averaged across ranks, then unscaled, then stepped,
+    so LARS sees true fp32 gradients.
     """
-    for images, labels in micro_batches:
-        if images is None:
-            # Every image of this micro-batch was unreadable; the backward pass still has to
-            # run so that Horovod's count of passes stays in step with the other ranks.
-            precision.backward(sum(p.sum() * 0.0 for p in model.parameters()))
-            continue
-        logits = precision.forward(model, images)
-        loss = criterion(logits.float(), labels)
-        precision.backward(loss / len(micro_batches))
-        meter.add(loss, logits, labels)
-    optimizer.synchronize()
-    if precision.step(optimizer):
-        scheduler.step()
-    optimizer.zero_grad()
+    model, precision, gradients = state.model, state.precision, state.gradients
+    for i, (images, labels) in enumerate(micro_batches):
+        with gradients.backward(last=i == len(micro_batches) - 1):
+            if images is None:
+                # Every image of this micro-batch was unreadable; the backward pass still has
+                # to run so that the engine's count of passes stays in step with the other ranks.
+                precision.backward(sum(p.sum() * 0.0 for p in model.parameters()))
+                continue
+            logits = precision.forward(model, images)
+            loss = state.criterion(logits.float(), labels)
+            precision.backward(loss / len(micro_batches))
+            meter.add(loss, logits, labels)
+    gradients.reduce()
+    if precision.step(state.optimizer, gradients.step):
+        state.scheduler.step()
+    state.optimizer.zero_grad()
 
 
-def report(dist, meter, speed, optimizer, precision, console, board, pos: Position, lr: float) -> None:
-    stats = meter.reduce(dist, name="train_meter")
+def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr: float) -> None:
+    stats = meter.reduce(state.engine, name="train_meter")
     stats["lr"] = lr
     stats["images_per_sec"] = speed.rate(stats.pop("count"))
-    console.progress(pos.epoch_step, stats)
-    board.scalars(pos.step, {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": stats["lr"],
-                             "train/images_per_sec": stats["images_per_sec"], **precision.scalars()})
-    board.trust_ratios(pos.step, getattr(optimizer, "last_trust_ratios", None))
+    step = state.position.step
+    hooks.console.progress(state.position.epoch_step, stats)
+    hooks.board.scalars(step, {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": stats["lr"],
+                               "train/images_per_sec": stats["images_per_sec"], **state.precision.scalars()})
+    hooks.board.trust_ratios(step, getattr(state.optimizer, "last_trust_ratios", None))
 
 
 @torch.no_grad()
-def evaluate(model, criterion, batches, precision, dist, device) -> dict:
+def evaluate(state: TrainState, batches) -> dict:
     """Loss and top-1/top-5 over every validation image once; rank-summed, so it equals a
     single-process evaluation."""
+    model = state.model
     model.eval()
-    meter = Meter(device, getattr(criterion, "topk_hits", topk_hits))
+    meter = Meter(next(model.parameters()).device, state.classifier.hits)
     for images, labels in batches:
         if images is None:
             continue
-        logits = precision.forward(model, images)
-        meter.add(criterion(logits.float(), labels), logits, labels)
-    return meter.reduce(dist, name="val_meter")
+        logits = state.precision.forward(model, images)
+        meter.add(state.criterion(logits.float(), labels), logits, labels)
+    return meter.reduce(state.engine, name="val_meter")

@@ -50,6 +50,12 @@ def run_mpi_script(script: Path, args: list = (), np: int = 2, timeout: float = 
     return run_job(list(args), np=np, script=str(script), timeout=timeout)
 
 
+def results(stdout: str) -> list[dict]:
+    """What a helper script under tests/e2e/scripts reported: its JSON lines, in order."""
+    import json
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
 def signal_ranks(marker: str, sig: int) -> int:
     """Signal the rank processes (python, not the launcher) whose command line has marker."""
     pids = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()

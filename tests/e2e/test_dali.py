@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import FAST, PYTHON, ROOT, TRAIN, TRAIN_DALI, env, latest_checkpoint, mpi_command, run_and_signal, run_job, run_mpi_script
+from helpers import FAST, PYTHON, ROOT, TRAIN, TRAIN_DALI, env, latest_checkpoint, mpi_command, results, run_and_signal, run_job, run_mpi_script
 from largebatch.config import UsageError, parse_config
 from largebatch.data import tfrecord
 from largebatch.data.dali import DaliInput
@@ -224,9 +224,9 @@ def test_each_sample_once_per_epoch_on_two_ranks(digits_odd, tmp_path):
     records = tmp_path / "records"
     convert(digits_odd, records)
     proc = run_mpi_script(SCRIPTS / "dali_shards.py", [records, digits_odd])
-    assert proc.stdout.count("each sample once per epoch") == 2
-    summary = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [s["format"] for s in summary] == ["tfrecord", "folder"]
+    summary = results(proc.stdout)
+    assert sorted(s["rank"] for s in summary if s.get("check") == "shards") == [0, 1]
+    assert [s["format"] for s in summary if "format" in s] == ["tfrecord", "folder"]
 
 
 def test_corrupt_images_are_named(digits, records, tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import latest_checkpoint, run_job, run_mpi_script
+from helpers import latest_checkpoint, results, run_job, run_mpi_script
 from test_bad_input import assert_usage_error
 from test_training import job_args
 from largebatch.events import read_scalars
@@ -15,7 +15,9 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant():
     proc = run_mpi_script(SCRIPTS / "loss_scaling.py")
-    assert proc.stdout.count("loss scaling ok") == 2
+    reports = results(proc.stdout)
+    assert [(r["rank"], r["skipped_steps"], r["lars_scale_invariant"]) for r in sorted(reports, key=lambda r: r["rank"])] \
+        == [(0, 1, True), (1, 1, True)], proc.stdout
 
 
 @pytest.mark.parametrize("flags, param_dtype", [(["--precision", "amp-bf16"], "torch.float32"),

@@ -6,7 +6,8 @@ returns the slice of the dense layer's logits for every rank's rows."""
 import torch
 import torch.nn.functional as F
 
-from largebatch.dist import Dist
+from largebatch.engines import init_engine
+from results import emit
 from largebatch.metrics import topk_hits
 from largebatch.parallel import ParallelCrossEntropyLoss, ParallelLinear, shard_range
 
@@ -44,8 +45,8 @@ def check_loss(dist, num_classes: int, smoothing: float, ignore_index: int) -> N
     valid = target[own] != ignore_index  # an ignored row has no class to hit
     reference = topk_hits(dense.detach()[own][valid], target[own][valid])
     assert [int(h) for h in hits] == [int(h) for h in reference], f"{case}: hits {hits} != {reference}"
-    print(f"rank {dist.rank}: {case}: loss {loss.item():.6f} = torch {expected.item():.6f}, "
-          f"hits {[int(h) for h in hits]}", flush=True)
+    emit(check="loss", rank=dist.rank, case=case, loss=loss.item(), torch=expected.item(),
+         hits=[int(h) for h in hits])
 
 
 def check_layer(dist, dim: int, in_features: int, num_classes: int) -> None:
@@ -58,11 +59,11 @@ def check_layer(dist, dim: int, in_features: int, num_classes: int) -> None:
     out = layer(features[own])
     expected = dense(features)[:, c0:c1]
     assert torch.allclose(out, expected, atol=1e-5), f"dim {dim}: logits differ by {(out - expected).abs().max():.2e}"
-    print(f"rank {dist.rank}: ParallelLinear dim {dim} gives classes {c0}:{c1} of the dense logits", flush=True)
+    emit(check="layer", rank=dist.rank, dim=dim, classes=[c0, c1])
 
 
 def main():
-    dist = Dist.init()
+    dist = init_engine()
     for num_classes in (11, 3):
         for smoothing in (0.0, 0.2):
             for ignore_index in (-100, 2):

@@ -6,19 +6,18 @@ batch: backbone on every rank, classifier reassembled on rank 0.
 
 Covers SGD, LARS and LAMB; even and uneven class counts; an odd feature count (uneven
 feature slices for dim 0); ranks with different numbers of rows; label smoothing. Uses the
-job's own pieces: config, optimizer and criterion factories, Horovod wrapper, train_step."""
+job's own factory (build_state) and its train_step."""
 import copy
 import sys
 
 import torch
 
 from largebatch.config import parse_config
-from largebatch.dist import Dist
-from largebatch.job import build_criterion, build_optimizer, build_scheduler
+from largebatch.engines import init_engine
+from largebatch.job import build_optimizer, build_scheduler, build_state
 from largebatch.metrics import Meter
-from largebatch.parallel import convert_parallel_linear, dense_state, share_norms, sharded_parameter_names
-from largebatch.precision import Precision
 from largebatch.train import train_step
+from results import emit
 
 STEPS, GLOBAL_BATCH = 2, 12
 
@@ -57,25 +56,19 @@ def compare(dist, dim: int, op: str, num_classes: int) -> None:
         dense_sched.step()
         dense_opt.zero_grad()
 
-    model = convert_parallel_linear(make_model(num_classes), dim, dist)
-    optimizer = dist.distributed_optimizer(build_optimizer(cfg, model, cfg.lr(dist.size)), model,
-                                           backward_passes_per_step=1, fp16_allreduce=False, adasum=False,
-                                           predivide=1.0, exclude=sharded_parameter_names(model))
-    share_norms(optimizer, model, dist)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=3)
-    criterion = build_criterion(cfg, num_classes, dist)
+    state = build_state(cfg, dist, torch.device("cpu"), num_classes, steps_per_epoch=3, model=make_model(num_classes))
     rows = own_rows(dist)
     for step in range(STEPS):
-        train_step(model, criterion, optimizer, scheduler, Precision(torch.device("cpu")),
-                   [(images[step][rows], labels[step][rows])], Meter(torch.device("cpu"), criterion.topk_hits))
+        train_step(state, [(images[step][rows], labels[step][rows])], Meter(torch.device("cpu"), state.classifier.hits))
 
-    model_state, optimizer_state = dense_state(model, optimizer, dist)
+    model, owned = state.model, state.classifier.owned(state.model)
+    model_state, optimizer_state = state.classifier.gather_state(model, state.optimizer)
     case = f"dim {dim} {op} {num_classes} classes"
     # Float rounding differs (sums split across ranks); LAMB divides by sqrt(v), which turns
     # a rounding-level difference of a near-zero gradient into a larger one of the update.
     tolerance = 1e-6 if op != "lamb" else 2e-5
     for name, p in model.named_parameters():  # the backbone, on every rank
-        if name not in sharded_parameter_names(model):
+        if name not in owned:
             diff = (p.detach() - dense.state_dict()[name]).abs().max().item()
             assert diff < tolerance, f"{case}: rank {dist.rank} backbone {name} differs from dense by {diff:.2e}"
     if not dist.is_main:
@@ -90,14 +83,14 @@ def compare(dist, dim: int, op: str, num_classes: int) -> None:
                 worst = max(worst, (mine - value).abs().max().item())
             else:
                 assert optimizer_state["state"][i][key] == value, f"{case}: optimizer state {i}/{key} differs"
-    print(f"{case}: weights moved {moved:.2e}, largest difference from dense {worst:.2e}", flush=True)
+    emit(case=case, moved=moved, difference=worst, tolerance=tolerance)
     assert moved > 1e-3, f"{case}: the steps did not change the weights"
     assert worst < tolerance, f"{case}: sharded and dense steps differ by {worst:.2e}"
 
 
 def main():
     dim = int(sys.argv[1])
-    dist = Dist.init()
+    dist = init_engine()
     for op in ("sgd", "lars", "lamb"):
         for num_classes in (10, 7):
             compare(dist, dim, op, num_classes)

@@ -1,26 +1,26 @@
 """Under mpirun -np 2: start-up leaves rank 0's weights exactly as they were and gives
 every rank the same ones, for a fresh start and for a resumed checkpoint (weight decay on,
-the case where Horovod's broadcast_optimizer_state moves the weights)."""
+the case where Horovod's broadcast_optimizer_state would move the weights). Built and
+started by the job's own factory, checkpoint store and reader."""
 import sys
 from pathlib import Path
 
 import torch
 
 from largebatch.config import parse_config
-from largebatch.dist import Dist
-from largebatch.job import build_optimizer, build_scheduler, restore
+from largebatch.engines import init_engine
+from largebatch.job import build_state, checkpoints, read_checkpoint
 from largebatch.model import build_model
-from largebatch.precision import Precision
+from results import emit
+
+CPU = torch.device("cpu")
 
 
-def build(dist, log_dir):
+def build(engine, log_dir):
     cfg = parse_config(["--synthetic", "--model", "resnet18", "--num-classes", "10", "--base-op", "lars",
                         "--wd", "0.01", "--epochs", "2", "--warmup-epochs", "1", "--log-dir", str(log_dir)])
-    torch.manual_seed(1234 + dist.rank)  # ranks start from different weights on purpose
-    model = build_model(cfg.model, 10)
-    optimizer = dist.distributed_optimizer(build_optimizer(cfg, model, 0.1), model, backward_passes_per_step=1,
-                                           fp16_allreduce=False, adasum=False, predivide=1.0)
-    return cfg, model, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch=5)
+    torch.manual_seed(1234 + engine.rank)  # ranks start from different weights on purpose
+    return cfg, build_state(cfg, engine, CPU, num_classes=10, steps_per_epoch=5, model=build_model(cfg.model, 10))
 
 
 def snapshot(model):
@@ -32,33 +32,32 @@ def same(a, b):
 
 
 def main():
-    dist = Dist.init()
+    engine = init_engine()
     log_dir = Path(sys.argv[1])
     # fresh start
-    cfg, model, optimizer, scheduler = build(dist, log_dir)
-    rank0_before = dist.broadcast_object(snapshot(model), name="before")
-    restore(cfg, dist, model, optimizer, scheduler, Precision(torch.device("cpu")))
-    assert same(snapshot(model), rank0_before), f"rank {dist.rank}: weights after start-up differ from rank 0's"
-    assert not optimizer.state, "start-up created optimizer state"
-    # resume: rank 0 writes a checkpoint with momentum buffers, then every rank restores it
+    cfg, state = build(engine, log_dir)
+    rank0_before = engine.broadcast_object(snapshot(state.model), name="before")
+    state.start(read_checkpoint(cfg, engine))
+    assert same(snapshot(state.model), rank0_before), f"rank {engine.rank}: weights after start-up differ from rank 0's"
+    assert not state.optimizer.state, "start-up created optimizer state"
+    # resume: one step creates momentum buffers, the job's store writes the checkpoint
     images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    torch.nn.functional.cross_entropy(model(images), labels).backward()
-    optimizer.step()
-    if dist.is_main:
+    torch.nn.functional.cross_entropy(state.model(images), labels).backward()
+    state.gradients.reduce()
+    state.gradients.step()
+    state.position.epoch, state.position.step = 1, 5
+    checkpoint = state.state_dict()
+    if engine.is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": {}, "epoch": 1, "step": 5, "epoch_step": 0, "rng": [], "world_size": 2,
-                 "args": cfg.to_dict(), "version": 1}
-        torch.save(state, log_dir / "checkpoint-1.pth.tar")
-        (log_dir / "checkpoints.json").write_text('{"files": ["checkpoint-1.pth.tar"]}')
-    saved = dist.broadcast_object(snapshot(model), name="saved")
-    dist.barrier()
-    cfg, model, optimizer, scheduler = build(dist, log_dir)
-    pos = restore(cfg, dist, model, optimizer, scheduler, Precision(torch.device("cpu")))
-    assert (pos.epoch, pos.step) == (1, 5), pos
-    assert same(snapshot(model), saved), f"rank {dist.rank}: resumed weights differ from the checkpoint's"
-    assert len(optimizer.state) > 0, "momentum buffers were not restored"
-    print(f"rank {dist.rank}: start-up and resume left the weights unchanged", flush=True)
+        checkpoints(cfg).save(checkpoint, epoch_end=True)
+    saved = engine.broadcast_object(snapshot(state.model), name="saved")
+    engine.barrier()
+    cfg, state = build(engine, log_dir)
+    state.start(read_checkpoint(cfg, engine))
+    assert (state.position.epoch, state.position.step) == (1, 5), state.position
+    assert same(snapshot(state.model), saved), f"rank {engine.rank}: resumed weights differ from the checkpoint's"
+    assert len(state.optimizer.state) > 0, "momentum buffers were not restored"
+    emit(rank=engine.rank, fresh_equal=True, resumed_equal=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""A model-parallel classifier for very many classes, and its cross-entropy.
+
+The backbone stays data-parallel; only the final ``nn.Linear`` is split across the ranks:
+
+* ``dim=1`` (class-parallel): rank r holds a slice of the output classes, i.e. of the rows
+  of the weight and of the bias.
+* ``dim=0`` (feature-parallel): rank r holds a slice of the input features, i.e. of the
+  columns of the weight. Its partial logits (for every class) are summed over the ranks by
+  a reduce-scatter that leaves each rank the same class slice as ``dim=1`` would, plus that
+  slice of the bias, so both layouts feed the same loss and metrics.
+
+Each rank's features are gathered first, so every rank computes its slice of the logits for
+the whole global batch; ``ParallelCrossEntropyLoss`` gathers the targets the same way and
+computes the loss from per-row collectives only (row max, sum of exponentials, the target
+logit from the rank that owns it), never a dense logit matrix or one-hot on one rank.
+
+Gradients are those of the dense model on the global batch. The loss is the mean over the
+global batch, identical on every rank. A shard's gradient involves every row, and every
+rank has every row, so the sharded parameters' gradients are complete on their owner and
+stay out of the engine's gradient averaging. The gradient of a rank's own features is the sum of what
+each rank's slice of the head contributes to it; that sum is exact for the loss over the
+global batch, and the dense gradient of a backbone parameter is the *sum* over ranks of
+what each rank's rows contribute. The engines *average* backbone
+gradients, so the feature gradient is multiplied by the number of ranks. (Horovod's own
+differentiable allgather averages in its backward pass, which would be off by that factor
+twice over; hence the autograd functions here.)
+
+Shards are uneven when the class (or feature) count does not divide by the number of
+ranks: the first ``count % size`` ranks hold one more, the way the engines' reducescatter
+splits.
+
+Checkpoints hold the dense layout (``state.dense_state`` gathers to rank 0), the optimizer's
+per-parameter tensors (momentum buffers, Adam moments) included, and
+``state.broadcast_checkpoint`` hands each rank its slice, so a run can resume with any number of
+processes, with or without model parallelism.
+
+Modules: ``layer`` (the layer and its autograd functions), ``loss`` (the cross-entropy),
+``lockstep`` (input that keeps every rank in every batch), ``state`` (checkpoint gather and
+scatter), ``head`` (the seam the job calls: ``DenseClassifier`` or ``ShardedClassifier``).
+For a user's own script, the names below are the API; see docs/model_parallel.md.
+"""
+from .head import DenseClassifier, ShardedClassifier, build_classifier
+from .layer import (ParallelLinear, ShardingError, ShardNorms, convert_parallel_linear, share_norms, shard_range,
+                    shard_sizes, sharded_parameter_names, shards)
+from .lockstep import LockstepInput
+from .loss import ParallelCrossEntropyLoss
+from .state import broadcast_checkpoint, dense_state
+
+__all__ = ["DenseClassifier", "ShardedClassifier", "build_classifier", "ParallelLinear", "ShardingError",
+           "ShardNorms", "convert_parallel_linear", "share_norms", "shard_range", "shard_sizes",
+           "sharded_parameter_names", "shards", "LockstepInput", "ParallelCrossEntropyLoss",
+           "broadcast_checkpoint", "dense_state"]
