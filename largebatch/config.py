@@ -18,8 +18,7 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
-class Config:
-    # data
+class DataConfig:
     train_dir: Path | None
     val_dir: Path | None
     synthetic: bool
@@ -30,14 +29,21 @@ class Config:
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     workers: int
-    # DALI entry only (pytorch_imagenet_resnet_dali.py)
+
+
+@dataclass(frozen=True)
+class DaliConfig:
+    """Only for pytorch_imagenet_resnet_dali.py; ``Config.dali`` is None for the other entry."""
     data_dir: Path | None
     data_format: str
     dali_device: str
     dali_threads: int
     dali_prefetch: int
     label_offset: str
-    # model and optimisation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
     model: str
     batch_size: int
     val_batch_size: int
@@ -58,36 +64,6 @@ class Config:
     label_smoothing: float
     base_op: str
     bn_bias_separately: bool
-    # numerics (see precision.py)
-    precision: str | None
-    opt_level: str | None
-    keep_batchnorm_fp32: bool | None
-    loss_scale: str | None
-    channels_last: bool
-    sync_bn: bool
-    deterministic: bool
-    prof: int
-    timeline: bool
-    # distribution
-    fp16_allreduce: bool
-    use_adasum: bool
-    gradient_predivide_factor: float
-    no_cuda: bool
-    seed: int
-    enable_model_parallel: bool
-    model_parallel_dim: int
-    # output
-    log_dir: Path
-    checkpoint_format: str
-    checkpoint_every: int
-    keep_checkpoints: int
-    resume: str
-    print_freq: int
-    progress: str
-
-    @property
-    def micro_batches_per_step(self) -> int:
-        return self.batches_per_allreduce
 
     def lr(self, world_size: int) -> float:
         """The peak learning rate after --lr-scaling for this many processes."""
@@ -99,17 +75,70 @@ class Config:
             return self.base_lr * math.sqrt(factor)
         return self.base_lr
 
-    def precision_policy(self):
-        from .precision import resolve_policy
-        return resolve_policy(self.precision, self.opt_level, self.keep_batchnorm_fp32, self.loss_scale)
+
+@dataclass(frozen=True)
+class NumericsConfig:
+    precision: str | None
+    opt_level: str | None
+    keep_batchnorm_fp32: bool | None
+    loss_scale: str | None
+    channels_last: bool
+    sync_bn: bool
+    deterministic: bool
+    prof: int
+    timeline: bool
+    policy: object  # precision.Policy, resolved once from the four flags above (precision.py)
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    fp16_allreduce: bool
+    use_adasum: bool
+    gradient_predivide_factor: float
+    no_cuda: bool
+    seed: int
+    enable_model_parallel: bool
+    model_parallel_dim: int
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    log_dir: Path
+    checkpoint_format: str
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: str
+    print_freq: int
+    progress: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed command line, one sub-config per group of flags."""
+    data: DataConfig
+    dali: DaliConfig | None
+    optim: OptimConfig
+    numerics: NumericsConfig
+    dist: DistConfig
+    output: OutputConfig
+
+    def lr(self, world_size: int) -> float:
+        return self.optim.lr(world_size)
 
     def to_dict(self) -> dict:
-        """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
+        """Every flag's value, flat and in plain types only, so checkpoints load with
+        torch.load(weights_only=True)."""
         out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)
+        for group in (self.data, self.dali, self.optim, self.numerics, self.dist, self.output):
+            for f in dataclasses.fields(group) if group is not None else ():
+                v = getattr(group, f.name)
+                if f.name != "policy":
+                    out[f.name] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)
         return out
+
+
+GROUPS = {"data": DataConfig, "dali": DaliConfig, "optim": OptimConfig, "numerics": NumericsConfig,
+          "dist": DistConfig, "output": OutputConfig}
 
 
 def _positive_int(text: str) -> int:
@@ -280,68 +309,72 @@ def parse_config(argv: list[str] | None, entry: str = "folder") -> Config:
     """Parse and validate; raises UsageError with a one-line message."""
     ns = build_parser(entry).parse_args(argv)
     values = vars(ns)
-    values.setdefault("train_dir", None)
-    values.setdefault("val_dir", None)
-    for name, default in (("data_dir", None), ("data_format", "folder"), ("dali_device", "cpu"),
-                          ("dali_threads", 4), ("dali_prefetch", 2), ("label_offset", "auto")):
-        values.setdefault(name, default)
     if values["val_resize"] is None:
         values["val_resize"] = max(values["image_size"], round(values["image_size"] / 0.875))
     if values["model_parallel_dim"] is not None and not values["enable_model_parallel"]:
         raise UsageError("--model-parallel-dim applies only with --enable-model-parallel")
     if values["model_parallel_dim"] is None:
         values["model_parallel_dim"] = 1
-    cfg = Config(**values)
+    from .precision import resolve_policy  # torch: only once the flags have parsed
+    try:
+        values["policy"] = resolve_policy(values["precision"], values["opt_level"], values["keep_batchnorm_fp32"],
+                                          values["loss_scale"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    groups = {}
+    for name, cls in GROUPS.items():
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if name == "dali" and entry != "dali":
+            groups[name] = None
+        else:
+            groups[name] = cls(**{f: values.get(f) for f in fields})
+    cfg = Config(**groups)
     _validate(cfg, entry)
     return cfg
 
 
 def _validate(cfg: Config, entry: str) -> None:
-    if not cfg.synthetic:
+    if not cfg.data.synthetic:
         if entry == "dali":
-            if cfg.data_dir is None:
+            if cfg.dali.data_dir is None:
                 raise UsageError("--data-dir is required (or --synthetic)")
-        elif cfg.train_dir is None or cfg.val_dir is None:
+        elif cfg.data.train_dir is None or cfg.data.val_dir is None:
             raise UsageError("--train-dir and --val-dir are required (or --synthetic)")
-    if cfg.synthetic and (cfg.train_dir or cfg.val_dir or cfg.data_dir):
+    if cfg.data.synthetic and (cfg.data.train_dir or cfg.data.val_dir or (cfg.dali and cfg.dali.data_dir)):
         raise UsageError("--synthetic trains on random tensors: drop --train-dir/--val-dir/--data-dir")
-    if cfg.crop_scale[1] > 1:
-        raise UsageError(f"--crop-scale upper bound must be at most 1, got {cfg.crop_scale[1]:g}")
-    if cfg.val_resize < cfg.image_size:
-        raise UsageError(f"--val-resize {cfg.val_resize} is smaller than --image-size {cfg.image_size}")
-    if cfg.warmup_epochs >= cfg.epochs and cfg.lr_schedule != "step":
-        raise UsageError(f"--warmup-epochs {cfg.warmup_epochs:g} must be less than --epochs {cfg.epochs}")
-    if cfg.lr_schedule == "poly" and cfg.end_lr > cfg.base_lr:
-        raise UsageError(f"--end-lr {cfg.end_lr:g} is above --base-lr {cfg.base_lr:g}")
-    if cfg.use_adasum and cfg.gradient_predivide_factor != 1.0:
+    if cfg.data.crop_scale[1] > 1:
+        raise UsageError(f"--crop-scale upper bound must be at most 1, got {cfg.data.crop_scale[1]:g}")
+    if cfg.data.val_resize < cfg.data.image_size:
+        raise UsageError(f"--val-resize {cfg.data.val_resize} is smaller than --image-size {cfg.data.image_size}")
+    if cfg.optim.warmup_epochs >= cfg.optim.epochs and cfg.optim.lr_schedule != "step":
+        raise UsageError(f"--warmup-epochs {cfg.optim.warmup_epochs:g} must be less than --epochs {cfg.optim.epochs}")
+    if cfg.optim.lr_schedule == "poly" and cfg.optim.end_lr > cfg.optim.base_lr:
+        raise UsageError(f"--end-lr {cfg.optim.end_lr:g} is above --base-lr {cfg.optim.base_lr:g}")
+    if cfg.dist.use_adasum and cfg.dist.gradient_predivide_factor != 1.0:
         raise UsageError("--gradient-predivide-factor cannot be combined with --use-adasum")
-    if cfg.momentum >= 1:
-        raise UsageError(f"--momentum must be below 1, got {cfg.momentum:g}")
-    if cfg.label_smoothing >= 1:
-        raise UsageError(f"--label-smoothing must be below 1, got {cfg.label_smoothing:g}")
-    if "{epoch" not in cfg.checkpoint_format or "/" in cfg.checkpoint_format.lstrip("./"):
+    if cfg.optim.momentum >= 1:
+        raise UsageError(f"--momentum must be below 1, got {cfg.optim.momentum:g}")
+    if cfg.optim.label_smoothing >= 1:
+        raise UsageError(f"--label-smoothing must be below 1, got {cfg.optim.label_smoothing:g}")
+    if "{epoch" not in cfg.output.checkpoint_format or "/" in cfg.output.checkpoint_format.lstrip("./"):
         raise UsageError("--checkpoint-format must be a file name containing {epoch}, e.g. checkpoint-{epoch}.pth.tar")
     try:
-        cfg.checkpoint_format.format(epoch=0, step=0)
+        cfg.output.checkpoint_format.format(epoch=0, step=0)
     except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"--checkpoint-format {cfg.checkpoint_format!r} is not a valid template ({e})") from None
-    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_file():
-        raise UsageError(f"--resume {cfg.resume}: no such checkpoint file")
-    try:
-        cfg.precision_policy()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if cfg.timeline and not cfg.prof:
+        raise UsageError(f"--checkpoint-format {cfg.output.checkpoint_format!r} is not a valid template ({e})") from None
+    if cfg.output.resume not in ("auto", "none") and not Path(cfg.output.resume).is_file():
+        raise UsageError(f"--resume {cfg.output.resume}: no such checkpoint file")
+    if cfg.numerics.timeline and not cfg.numerics.prof:
         raise UsageError("--timeline goes with --prof N")
-    if cfg.enable_model_parallel:
-        if cfg.use_adasum:
+    if cfg.dist.enable_model_parallel:
+        if cfg.dist.use_adasum:
             raise UsageError("--use-adasum cannot be combined with --enable-model-parallel "
                              "(the sharded classifier needs the backbone's gradients averaged)")
-        if cfg.precision_policy().loss_scale is not None:
-            raise UsageError(f"--enable-model-parallel does not support loss scaling ({cfg.precision_policy().name}): "
+        if cfg.numerics.policy.loss_scale is not None:
+            raise UsageError(f"--enable-model-parallel does not support loss scaling ({cfg.numerics.policy.name}): "
                              f"the ranks would have to agree on overflows in their classifier slices; "
                              f"use fp32, amp-bf16 or bf16")
-    _validate_model_name(cfg.model)
+    _validate_model_name(cfg.optim.model)
 
 
 def _validate_model_name(name: str) -> None:

@@ -32,34 +32,34 @@ from .train import Hooks, train
 
 def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
-    engine = init_engine(timeline=cfg.timeline)
+    engine = init_engine(timeline=cfg.numerics.timeline)
     device = pick_device(cfg, engine)
-    prepare_run_dir(cfg.log_dir, engine)
+    prepare_run_dir(cfg.output.log_dir, engine)
     data = build_input(cfg, entry, engine, device)
-    console = Console(engine.is_main, cfg.progress)
+    console = Console(engine.is_main, cfg.output.progress)
     console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(engine.size)},
                    world=f"{engine.size} process(es), {engine.name} engine, device {device}, global batch "
-                         f"{cfg.batch_size * cfg.batches_per_allreduce * engine.size}")
+                         f"{cfg.optim.batch_size * cfg.optim.batches_per_allreduce * engine.size}")
 
-    configure_determinism(cfg.deterministic, cfg.seed + engine.rank)
-    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.batches_per_allreduce)
-    data = state.classifier.input(data, cfg.image_size, device)
-    torch.manual_seed(cfg.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
+    configure_determinism(cfg.numerics.deterministic, cfg.dist.seed + engine.rank)
+    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.optim.batches_per_allreduce)
+    data = state.classifier.input(data, cfg.data.image_size, device)
+    torch.manual_seed(cfg.dist.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
     state.start(read_checkpoint(cfg, engine))
-    if state.position.epoch >= cfg.epochs:
-        console.print(f"{cfg.log_dir} already finished its {cfg.epochs} epochs; nothing to do "
+    if state.position.epoch >= cfg.optim.epochs:
+        console.print(f"{cfg.output.log_dir} already finished its {cfg.optim.epochs} epochs; nothing to do "
                       f"(a new run needs a new --log-dir)")
         return 0
 
     step = state.position.step
-    board = Board(cfg.log_dir, engine.is_main, purge_step=step + 1 if step else None)
-    profiler = StepProfiler(cfg.prof, cfg.log_dir / "profile", engine.rank, device, engine, cfg.timeline)
+    board = Board(cfg.output.log_dir, engine.is_main, purge_step=step + 1 if step else None)
+    profiler = StepProfiler(cfg.numerics.prof, cfg.output.log_dir / "profile", engine.rank, device, engine, cfg.numerics.timeline)
     result = train(state, data, cfg, Hooks(console, board, stop, profiler, saver(cfg, board)))
     if result == "profiled":
-        console.print(f"profiled {cfg.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
+        console.print(f"profiled {cfg.numerics.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
     if engine.is_main:
-        write_status(cfg.log_dir, result, state.position, checkpoints(cfg).latest())
-        console.print(f"{result}: run directory {cfg.log_dir} (TensorBoard: tensorboard --logdir {cfg.log_dir})")
+        write_status(cfg.output.log_dir, result, state.position, checkpoints(cfg).latest())
+        console.print(f"{result}: run directory {cfg.output.log_dir} (TensorBoard: tensorboard --logdir {cfg.output.log_dir})")
     board.close()
     if data.bad_files:
         print(f"warning: rank {engine.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
@@ -68,23 +68,23 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
 
 def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: int, steps_per_epoch: int,
                 model: torch.nn.Module | None = None) -> TrainState:
-    """The model (``model``, or ``cfg.model`` built fresh), its classifier split or not,
+    """The model (``model``, or ``cfg.optim.model`` built fresh), its classifier split or not,
     precision, the optimizer with the engine's gradient averaging, and the schedule. Every
     rank builds the same initial weights (same seed); ``TrainState.start`` then makes them
     rank 0's or the checkpoint's."""
-    classifier = build_classifier(engine, num_classes, cfg.label_smoothing, cfg.enable_model_parallel,
-                                  cfg.model_parallel_dim)
+    classifier = build_classifier(engine, num_classes, cfg.optim.label_smoothing, cfg.dist.enable_model_parallel,
+                                  cfg.dist.model_parallel_dim)
     if model is None:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, num_classes)
+        torch.manual_seed(cfg.dist.seed)
+        model = build_model(cfg.optim.model, num_classes)
     model = classifier.convert(model)  # before .to(device): the dense layer never reaches the GPU
-    if cfg.sync_bn:
+    if cfg.numerics.sync_bn:
         model = engine.sync_batchnorm(model)
-    precision = Precision(device, cfg.precision_policy(), cfg.channels_last)
+    precision = Precision(device, cfg.numerics.policy, cfg.numerics.channels_last)
     model = precision.prepare(model.to(device))
     gradients = engine.gradients(build_optimizer(cfg, model, cfg.lr(engine.size)), model,
-                                 micro_batches=cfg.batches_per_allreduce, fp16_allreduce=cfg.fp16_allreduce,
-                                 adasum=cfg.use_adasum, predivide=cfg.gradient_predivide_factor,
+                                 micro_batches=cfg.optim.batches_per_allreduce, fp16_allreduce=cfg.dist.fp16_allreduce,
+                                 adasum=cfg.dist.use_adasum, predivide=cfg.dist.gradient_predivide_factor,
                                  exclude=classifier.owned(model))
     optimizer = gradients.optimizer
     classifier.attach(optimizer, model)
@@ -100,7 +100,7 @@ def saver(cfg: Config, board: Board):
         checkpoint_dict = state.state_dict()
         if checkpoint_dict is not None:
             path = store.save(checkpoint_dict, epoch_end)
-            write_status(cfg.log_dir, "running", state.position, path)
+            write_status(cfg.output.log_dir, "running", state.position, path)
             board.flush()
 
     return save
@@ -122,13 +122,13 @@ def read_checkpoint(cfg: Config, engine: Engine) -> dict | None:
 
 
 def pick_device(cfg: Config, engine: Engine) -> torch.device:
-    if cfg.no_cuda or not torch.cuda.is_available():
-        policy = cfg.precision_policy()
+    if cfg.dist.no_cuda or not torch.cuda.is_available():
+        policy = cfg.numerics.policy
         if policy.needs_gpu:
-            why = "--no-cuda was given" if cfg.no_cuda else "no CUDA GPU is visible"
+            why = "--no-cuda was given" if cfg.dist.no_cuda else "no CUDA GPU is visible"
             raise UsageError(f"{policy.name} computes in fp16, which needs a GPU, but {why}; "
                              f"on CPU use --precision amp-bf16 or bf16")
-        if cfg.sync_bn:
+        if cfg.numerics.sync_bn:
             raise UsageError("--sync-bn needs GPUs (Horovod's SyncBatchNorm runs on CUDA tensors only)")
         return torch.device("cpu")
     torch.cuda.set_device(engine.local_rank % torch.cuda.device_count())
@@ -171,7 +171,7 @@ def build_input(cfg: Config, entry: str, engine: Engine, device: torch.device):
     """Every rank opens the data; a problem found by any rank stops all of them."""
     problem, data = "", None
     try:
-        if cfg.synthetic:
+        if cfg.data.synthetic:
             from .data.synthetic import SyntheticInput
             data = SyntheticInput(cfg, engine.rank, engine.size, device)
         elif entry == "dali":
@@ -185,53 +185,50 @@ def build_input(cfg: Config, entry: str, engine: Engine, device: torch.device):
     problems = [p for p in engine.allgather_object(problem, name="data_check") if p]
     if problems:
         raise UsageError(problems[0])
-    if data.batches_per_epoch < cfg.batches_per_allreduce:
-        raise UsageError(f"--batch-size {cfg.batch_size} x --batches-per-allreduce {cfg.batches_per_allreduce} "
-                         f"x {engine.size} processes is more than one epoch of data")
     return data
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    if cfg.base_op == "lars":
-        return lars.create_optimizer_lars(model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.wd,
-                                          bn_bias_separately=cfg.bn_bias_separately, epsilon=cfg.epsilon,
-                                          eta=cfg.lars_eta, trust_clip=cfg.trust_clip)
-    if cfg.base_op == "lamb":
-        return lars.create_optimizer_lamb(model, lr=lr, weight_decay=cfg.wd, bn_bias_separately=cfg.bn_bias_separately,
-                                          epsilon=cfg.epsilon, trust_clip=cfg.trust_clip)
-    if cfg.bn_bias_separately:
+    if cfg.optim.base_op == "lars":
+        return lars.create_optimizer_lars(model, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd,
+                                          bn_bias_separately=cfg.optim.bn_bias_separately, epsilon=cfg.optim.epsilon,
+                                          eta=cfg.optim.lars_eta, trust_clip=cfg.optim.trust_clip)
+    if cfg.optim.base_op == "lamb":
+        return lars.create_optimizer_lamb(model, lr=lr, weight_decay=cfg.optim.wd, bn_bias_separately=cfg.optim.bn_bias_separately,
+                                          epsilon=cfg.optim.epsilon, trust_clip=cfg.optim.trust_clip)
+    if cfg.optim.bn_bias_separately:
         decay = [p for p in model.parameters() if p.ndim > 1]
         no_decay = [p for p in model.parameters() if p.ndim <= 1]
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     else:
         groups = [{"params": list(model.parameters())}]
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd)
 
 
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.lr_schedule == "poly":
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    total = cfg.optim.epochs * steps_per_epoch
+    if cfg.optim.lr_schedule == "poly":
         return schedulers.PolynomialWarmup(optimizer, decay_steps=total, warmup_steps=warmup,
-                                           end_lr=cfg.end_lr, power=cfg.lr_power)
-    if cfg.lr_schedule == "cosine":
-        return schedulers.CosineWarmup(optimizer, decay_steps=total, warmup_steps=warmup, end_lr=cfg.end_lr)
-    milestones = [math.ceil(e * steps_per_epoch) for e in cfg.lr_decay_epochs]
+                                           end_lr=cfg.optim.end_lr, power=cfg.optim.lr_power)
+    if cfg.optim.lr_schedule == "cosine":
+        return schedulers.CosineWarmup(optimizer, decay_steps=total, warmup_steps=warmup, end_lr=cfg.optim.end_lr)
+    milestones = [math.ceil(e * steps_per_epoch) for e in cfg.optim.lr_decay_epochs]
     return schedulers.MultiStepWarmup(optimizer, milestones=milestones, gamma=0.1, warmup_steps=warmup)
 
 
 def checkpoints(cfg: Config) -> checkpoint.Checkpoints:
-    return checkpoint.Checkpoints(cfg.log_dir, cfg.checkpoint_format, cfg.keep_checkpoints)
+    return checkpoint.Checkpoints(cfg.output.log_dir, cfg.output.checkpoint_format, cfg.output.keep_checkpoints)
 
 
 def find_checkpoint(cfg: Config) -> dict | None:
     store = checkpoints(cfg)
-    if cfg.resume == "none":
+    if cfg.output.resume == "none":
         if store.latest() is not None:
-            raise UsageError(f"--log-dir {cfg.log_dir} already holds checkpoints ({store.latest().name}); "
+            raise UsageError(f"--log-dir {cfg.output.log_dir} already holds checkpoints ({store.latest().name}); "
                              f"use --resume auto to continue that run, or a new --log-dir")
         return None
-    path = store.latest() if cfg.resume == "auto" else Path(cfg.resume)
+    path = store.latest() if cfg.output.resume == "auto" else Path(cfg.output.resume)
     if path is None:
         return None
     state = checkpoint.load(path)

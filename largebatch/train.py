@@ -27,17 +27,17 @@ class Hooks:
 
 
 def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
-    """Train from ``state.position`` to ``cfg.epochs``. Returns "finished"; "stopped" after a
+    """Train from ``state.position`` to ``cfg.optim.epochs``. Returns "finished"; "stopped" after a
     stop request (a signal), once a checkpoint is written; or "profiled" once --prof's
     steps are recorded. ``state.position`` tells where it ended."""
-    n_micro = cfg.batches_per_allreduce
+    n_micro = cfg.optim.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
     engine, pos = state.engine, state.position
     device = next(state.model.parameters()).device
-    for epoch in range(pos.epoch, cfg.epochs):
+    for epoch in range(pos.epoch, cfg.optim.epochs):
         state.model.train()
         meter, speed = Meter(device, state.classifier.hits), Throughput()
-        hooks.console.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos.epoch_step)
+        hooks.console.start_epoch(epoch, cfg.optim.epochs, steps_per_epoch, pos.epoch_step)
         batches = data.train(epoch, start_batch=pos.epoch_step * n_micro)
         while pos.epoch_step < steps_per_epoch:
             micro_batches = [next(batches) for _ in range(n_micro)]
@@ -46,14 +46,14 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
             pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
             if hooks.profiler.step():
                 return "profiled"
-            if pos.epoch_step % cfg.print_freq == 0 or pos.epoch_step == steps_per_epoch:
+            if pos.epoch_step % cfg.output.print_freq == 0 or pos.epoch_step == steps_per_epoch:
                 report(state, meter, speed, hooks, lr)
                 if hooks.stop.agreed(engine):
                     hooks.save(state, False)
                     hooks.console.end_epoch(f"stopped by {hooks.stop.reason} at epoch {epoch + 1} step "
                                             f"{pos.epoch_step}; checkpoint written, resume with --resume auto")
                     return "stopped"
-            if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
+            if cfg.output.checkpoint_every and pos.step % cfg.output.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
                 hooks.save(state, False)
         batches.close()
         engine.average_buffers(state.model)  # one set of BN statistics for validation and the checkpoint
@@ -62,7 +62,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
                                        "epoch": epoch + 1})
         pos.epoch, pos.epoch_step = epoch + 1, 0
         hooks.save(state, True)
-        hooks.console.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
+        hooks.console.end_epoch(f"epoch {epoch + 1}/{cfg.optim.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
                                 f"top5 {val['top5']:.2f} ({val['count']} images)")
         if hooks.stop.agreed(engine):
             return "stopped"

@@ -61,8 +61,9 @@ import numpy as np
 import torch
 
 from ..config import Config, UsageError
+from .checks import batches_per_epoch, same_classes
 from .folder import IMAGENET_MEAN, IMAGENET_STD
-from .sampler import TrainShard, ValShard, sample_seed
+from .sampler import TrainShard, ValShard, mix, sample_seed
 from .tfrecord import DATASET_JSON, ENCODED, LABEL, DataError, index_matches, read_index, record_files
 
 
@@ -139,7 +140,7 @@ class TFRecordSource:
     def _labels(self, cfg: Config, meta: dict | None) -> tuple[int, int]:
         path = self.root / "idx_files" / DATASET_JSON
         base = meta.get("label_base") if meta else None
-        if cfg.label_offset == "auto":
+        if cfg.dali.label_offset == "auto":
             if base is None:
                 why = "is missing" if meta is None else "records no usual label base (0 or 1)"
                 raise UsageError(f"--label-offset auto: {path} {why}, so the label base is unknown; run "
@@ -147,27 +148,27 @@ class TFRecordSource:
                                  f"and --num-classes")
             offset = base
         else:
-            offset = int(cfg.label_offset)
+            offset = int(cfg.dali.label_offset)
             if base is not None and base != offset:
                 raise UsageError(f"--label-offset {offset}, but {path} says labels start at {base}; "
                                  f"use --label-offset auto (or {base})")
         known = meta.get("num_classes") if meta else None
-        if cfg.num_classes is None and known is None:
+        if cfg.data.num_classes is None and known is None:
             raise UsageError(f"--num-classes is needed: {path} does not give the number of classes")
-        if cfg.num_classes is not None and known is not None and cfg.num_classes < known:
-            raise UsageError(f"--num-classes {cfg.num_classes}, but the labels of {self.root} need {known}")
-        return offset, cfg.num_classes or known
+        if cfg.data.num_classes is not None and known is not None and cfg.data.num_classes < known:
+            raise UsageError(f"--num-classes {cfg.data.num_classes}, but the labels of {self.root} need {known}")
+        return offset, cfg.data.num_classes or known
 
     def train_plan(self, cfg: Config, rank: int, size: int, epoch: int, start_batch: int, batches: int) -> ReadPlan:
         files = self.files["train"]
         # The same file order on every rank (DALI's shards are ranges of it), new each epoch.
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(mix(cfg.dist.seed, epoch)))
         files = [files[i] for i in order.tolist()]
-        seed = sample_seed(cfg.seed, epoch, rank) % 2**31
+        seed = sample_seed(cfg.dist.seed, epoch, rank) % 2**31
         reader = dict(path=[f for f, _, _ in files], index_path=[i for _, i, _ in files], shard_id=rank,
                       num_shards=size, random_shuffle=True, initial_fill=min(1024, self.counts["train"] // size),
                       stick_to_shard=True, pad_last_batch=True, seed=seed)
-        return ReadPlan(reader, cfg.batch_size, (batches - start_batch) * cfg.batch_size, skip_batches=start_batch,
+        return ReadPlan(reader, cfg.optim.batch_size, (batches - start_batch) * cfg.optim.batch_size, skip_batches=start_batch,
                         seed=seed)
 
     def val_plan(self, cfg: Config, rank: int, size: int) -> ReadPlan:
@@ -176,14 +177,14 @@ class TFRecordSource:
         shard = n * (rank + 1) // size - n * rank // size
         reader = dict(path=[f for f, _, _ in files], index_path=[i for _, i, _ in files], shard_id=rank,
                       num_shards=size, random_shuffle=False, stick_to_shard=True, pad_last_batch=True)
-        return ReadPlan(reader, cfg.val_batch_size, shard, training=False)
+        return ReadPlan(reader, cfg.optim.val_batch_size, shard, training=False)
 
 
 class FolderSource:
     def __init__(self, root: Path, cfg: Config):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-        if cfg.label_offset not in ("auto", "0"):
+        if cfg.dali.label_offset not in ("auto", "0"):
             raise UsageError("--label-offset applies to TFRecords; folder labels are class indices")
         sets = {}
         for split, folder in (("train", root / "train"), ("validation", root / "val")):
@@ -195,13 +196,9 @@ class FolderSource:
             except (FileNotFoundError, RuntimeError) as e:
                 raise UsageError(f"{folder}: {str(e).splitlines()[0]}") from None
         (classes, self.train), (val_classes, self.val) = sets["train"], sets["validation"]
-        if classes != val_classes:
-            only_train = sorted(set(classes) - set(val_classes))[:3]
-            only_val = sorted(set(val_classes) - set(classes))[:3]
-            raise UsageError(f"{root}/val classes differ from {root}/train classes "
-                             f"(only in train: {only_train or '-'}, only in val: {only_val or '-'})")
-        if cfg.num_classes is not None and cfg.num_classes != len(classes):
-            raise UsageError(f"--num-classes {cfg.num_classes} but {root}/train has {len(classes)} class folders")
+        same_classes(classes, val_classes, f"{root}/train", f"{root}/val")
+        if cfg.data.num_classes is not None and cfg.data.num_classes != len(classes):
+            raise UsageError(f"--num-classes {cfg.data.num_classes} but {root}/train has {len(classes)} class folders")
         self.offset, self.num_classes = 0, len(classes)
         self.counts = {"train": len(self.train), "validation": len(self.val)}
 
@@ -211,14 +208,14 @@ class FolderSource:
                     random_shuffle=False, pad_last_batch=False)
 
     def train_plan(self, cfg: Config, rank: int, size: int, epoch: int, start_batch: int, batches: int) -> ReadPlan:
-        shard = TrainShard(len(self.train), rank, size, cfg.seed, epoch, start=start_batch * cfg.batch_size)
-        indices = shard.indices[:(batches - start_batch) * cfg.batch_size]
-        seed = sample_seed(cfg.seed, epoch, rank) % 2**31
-        return ReadPlan(self._reader(self.train, indices), cfg.batch_size, len(indices), seed=seed, kind="file")
+        shard = TrainShard(len(self.train), rank, size, cfg.dist.seed, epoch, start=start_batch * cfg.optim.batch_size)
+        indices = shard.indices[:(batches - start_batch) * cfg.optim.batch_size]
+        seed = sample_seed(cfg.dist.seed, epoch, rank) % 2**31
+        return ReadPlan(self._reader(self.train, indices), cfg.optim.batch_size, len(indices), seed=seed, kind="file")
 
     def val_plan(self, cfg: Config, rank: int, size: int) -> ReadPlan:
         indices = ValShard(len(self.val), rank, size).indices
-        return ReadPlan(self._reader(self.val, indices), cfg.val_batch_size, len(indices), training=False, kind="file")
+        return ReadPlan(self._reader(self.val, indices), cfg.optim.val_batch_size, len(indices), training=False, kind="file")
 
 
 class DaliInput:
@@ -230,26 +227,22 @@ class DaliInput:
         except ImportError:
             raise UsageError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, "
                              "see requirements.txt)") from None
-        if cfg.dali_device == "gpu":
+        if cfg.dali.dali_device == "gpu":
             if device.type != "cuda":
-                why = "--no-cuda was given" if cfg.no_cuda else "no CUDA GPU is visible to this process"
+                why = "--no-cuda was given" if cfg.dist.no_cuda else "no CUDA GPU is visible to this process"
                 raise UsageError(f"--dali-device gpu needs a GPU, but {why}; use --dali-device cpu")
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
         self.cfg, self.rank, self.size, self.device = cfg, rank, size, device
-        self.threads = cfg.dali_threads or default_threads()
-        root = cfg.data_dir
+        self.threads = cfg.dali.dali_threads or default_threads()
+        root = cfg.dali.data_dir
         if root is None or not root.is_dir():
             raise UsageError(f"--data-dir {root}: no such directory")
-        self.source = TFRecordSource(root, cfg) if cfg.data_format == "tfrecord" else FolderSource(root, cfg)
+        self.source = TFRecordSource(root, cfg) if cfg.dali.data_format == "tfrecord" else FolderSource(root, cfg)
         self.num_classes = self.source.num_classes
         n_train = self.source.counts["train"]
-        self.batches_per_epoch = (n_train // size) // cfg.batch_size
-        if self.batches_per_epoch < cfg.batches_per_allreduce:
-            needed = cfg.batch_size * cfg.batches_per_allreduce * size
-            raise UsageError(f"--batch-size {cfg.batch_size} x --batches-per-allreduce {cfg.batches_per_allreduce} "
-                             f"x {size} processes needs {needed} training images; {root} has {n_train}")
+        self.batches_per_epoch = batches_per_epoch(cfg, size, n_train, str(root))
         self.bad_files: set[str] = set()
 
     # --- the input interface -------------------------------------------------------------
@@ -296,7 +289,7 @@ class DaliInput:
 
         cfg = self.cfg
         pipe = Pipeline(batch_size=plan.batch_size, num_threads=self.threads, device_id=self.device_id,
-                        seed=plan.seed + 1, prefetch_queue_depth=cfg.dali_prefetch)
+                        seed=plan.seed + 1, prefetch_queue_depth=cfg.dali.dali_prefetch)
         with pipe:
             encoded, labels = self._read(plan)
             if not decode:
@@ -309,18 +302,18 @@ class DaliInput:
                 normalize = dict(dtype=types.FLOAT, output_layout="CHW",
                                  mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
                 if plan.training:
-                    images = fn.decoders.image_random_crop(encoded, random_area=list(cfg.crop_scale),
-                                                           random_aspect_ratio=list(cfg.crop_ratio),
+                    images = fn.decoders.image_random_crop(encoded, random_area=list(cfg.data.crop_scale),
+                                                           random_aspect_ratio=list(cfg.data.crop_ratio),
                                                            num_attempts=10, **decoder)
-                    images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size,
+                    images = fn.resize(images, resize_x=cfg.data.image_size, resize_y=cfg.data.image_size,
                                        interp_type=types.INTERP_LINEAR, antialias=True)
                     images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5),
                                                       **normalize)
                 else:
                     images = fn.decoders.image(encoded, **decoder)
-                    images = fn.resize(images, resize_shorter=cfg.val_resize, interp_type=types.INTERP_LINEAR,
+                    images = fn.resize(images, resize_shorter=cfg.data.val_resize, interp_type=types.INTERP_LINEAR,
                                        antialias=True)
-                    images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), **normalize)
+                    images = fn.crop_mirror_normalize(images, crop=(cfg.data.image_size, cfg.data.image_size), **normalize)
                 outputs = [images, labels]
                 if with_ids:
                     outputs.append(fn.get_property(encoded, key="source_info"))
@@ -355,7 +348,7 @@ class DaliInput:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= self.num_classes:
             bad = low if low < 0 else high
-            raise DataError(f"{split} label {bad + self.source.offset} in {self.cfg.data_dir} is outside "
+            raise DataError(f"{split} label {bad + self.source.offset} in {self.cfg.dali.data_dir} is outside "
                             f"0..{self.num_classes - 1} after subtracting --label-offset {self.source.offset}: "
                             f"wrong --label-offset or --num-classes?")
 
@@ -365,7 +358,7 @@ class DaliInput:
         from nvidia.dali import Pipeline, fn, types
 
         reason = _dali_reason(str(error))
-        window = range(failed, min(plan.batches, failed + self.cfg.dali_prefetch + 2))
+        window = range(failed, min(plan.batches, failed + self.cfg.dali.dali_prefetch + 2))
         try:
             reader = self._pipeline(plan, with_ids=False, decode=False)
             candidates = []
@@ -376,7 +369,7 @@ class DaliInput:
                                    for i in range(len(encoded))]
             del reader
         except RuntimeError as e:  # the reader itself fails: its message is all there is
-            return DataError(f"DALI cannot read {self.cfg.data_dir}: {_dali_reason(str(e))}")
+            return DataError(f"DALI cannot read {self.cfg.dali.data_dir}: {_dali_reason(str(e))}")
         probe = Pipeline(batch_size=1, num_threads=1, device_id=None, exec_pipelined=False, exec_async=False,
                          prefetch_queue_depth=1)
         with probe:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from ..config import Config, UsageError
+from .checks import batches_per_epoch, same_classes
 from .prefetch import CudaPrefetcher
 from .sampler import TrainShard, ValShard
 
@@ -29,7 +30,7 @@ def _to_tensor(uint8: bool) -> list:
 
 def train_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
     return transforms.Compose([
-        transforms.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio),
+        transforms.RandomResizedCrop(cfg.data.image_size, scale=cfg.data.crop_scale, ratio=cfg.data.crop_ratio),
         transforms.RandomHorizontalFlip(),
         *_to_tensor(uint8),
     ])
@@ -37,8 +38,8 @@ def train_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
 
 def val_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
     return transforms.Compose([
-        transforms.Resize(cfg.val_resize),
-        transforms.CenterCrop(cfg.image_size),
+        transforms.Resize(cfg.data.val_resize),
+        transforms.CenterCrop(cfg.data.image_size),
         *_to_tensor(uint8),
     ])
 
@@ -84,36 +85,27 @@ class FolderInput:
     def __init__(self, cfg: Config, rank: int, size: int, device: torch.device):
         self.cfg, self.rank, self.size, self.device = cfg, rank, size, device
         on_gpu = device.type == "cuda"
-        self.train_set = _open(cfg.train_dir, "--train-dir", train_transform(cfg, uint8=on_gpu))
-        self.val_set = _open(cfg.val_dir, "--val-dir", val_transform(cfg, uint8=on_gpu))
-        if self.train_set.classes != self.val_set.classes:
-            only_train = sorted(set(self.train_set.classes) - set(self.val_set.classes))[:3]
-            only_val = sorted(set(self.val_set.classes) - set(self.train_set.classes))[:3]
-            raise UsageError(f"--val-dir classes differ from --train-dir classes "
-                             f"(only in train: {only_train or '-'}, only in val: {only_val or '-'})")
+        self.train_set = _open(cfg.data.train_dir, "--train-dir", train_transform(cfg, uint8=on_gpu))
+        self.val_set = _open(cfg.data.val_dir, "--val-dir", val_transform(cfg, uint8=on_gpu))
+        same_classes(self.train_set.classes, self.val_set.classes, "--train-dir", "--val-dir")
         self.num_classes = len(self.train_set.classes)
-        if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
-            raise UsageError(f"--num-classes {cfg.num_classes} but {cfg.train_dir} has {self.num_classes} class folders")
-        per_rank = len(self.train_set) // size
-        self.batches_per_epoch = per_rank // cfg.batch_size
-        needed = cfg.batch_size * cfg.batches_per_allreduce * size
-        if self.batches_per_epoch < cfg.batches_per_allreduce:
-            raise UsageError(f"--batch-size {cfg.batch_size} x --batches-per-allreduce {cfg.batches_per_allreduce} "
-                             f"x {size} processes needs {needed} training images; {cfg.train_dir} has {len(self.train_set)}")
+        if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:
+            raise UsageError(f"--num-classes {cfg.data.num_classes} but {cfg.data.train_dir} has {self.num_classes} class folders")
+        self.batches_per_epoch = batches_per_epoch(cfg, size, len(self.train_set), str(cfg.data.train_dir))
         self.bad_files: set[str] = set()
 
     def train(self, epoch: int, start_batch: int = 0):
-        sampler = TrainShard(len(self.train_set), self.rank, self.size, self.cfg.seed, epoch,
-                             start=start_batch * self.cfg.batch_size)
-        return self._batches(self.train_set, sampler, self.cfg.batch_size, drop_last=True)
+        sampler = TrainShard(len(self.train_set), self.rank, self.size, self.cfg.dist.seed, epoch,
+                             start=start_batch * self.cfg.optim.batch_size)
+        return self._batches(self.train_set, sampler, self.cfg.optim.batch_size, drop_last=True)
 
     def val(self):
         sampler = ValShard(len(self.val_set), self.rank, self.size)
-        return self._batches(self.val_set, sampler, self.cfg.val_batch_size, drop_last=False)
+        return self._batches(self.val_set, sampler, self.cfg.optim.val_batch_size, drop_last=False)
 
     def _batches(self, dataset, sampler, batch_size: int, drop_last: bool):
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                            num_workers=self.cfg.workers, collate_fn=_collate,
+                            num_workers=self.cfg.data.workers, collate_fn=_collate,
                             pin_memory=self.device.type == "cuda")
         batches = self._report_bad(loader)
         if self.device.type == "cuda":

@@ -19,14 +19,19 @@ from torch.utils.data import Sampler
 _MIX = 1_000_003
 
 
+def mix(seed: int, k: int) -> int:
+    """A seed for stream ``k`` (an epoch, a rank) of the run seeded with ``seed``."""
+    return seed * _MIX + k
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * _MIX + epoch) * _MIX + index) % (2**63)
+    return mix(mix(seed, epoch), index) % (2**63)
 
 
 class TrainShard(Sampler):
     def __init__(self, num_samples: int, rank: int, size: int, seed: int, epoch: int, start: int = 0):
         self.per_rank = num_samples // size
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * _MIX + epoch))
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(mix(seed, epoch)))
         self.indices = order[rank * self.per_rank:(rank + 1) * self.per_rank][start:].tolist()
         self.seed, self.epoch = seed, epoch
 

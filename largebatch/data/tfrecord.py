@@ -59,6 +59,7 @@ from pathlib import Path
 import google_crc32c
 
 from ..config import UsageError
+from .checks import same_classes
 
 SPLITS = {"train": "train", "validation": "val"}  # TFRecord folder -> ImageFolder folder
 LABEL = "image/class/label"
@@ -341,11 +342,7 @@ def plan_conversion(src: Path, shard_size: int, label_base: int, seed: int) -> t
             raise UsageError(f"{src / folder}: no such directory (SRC needs train/ and val/, one folder per class)")
     classes, train = _class_samples(src / "train")
     val_classes, _ = _class_samples(src / "val")
-    if val_classes != classes:
-        only_train = sorted(set(classes) - set(val_classes))[:3]
-        only_val = sorted(set(val_classes) - set(classes))[:3]
-        raise UsageError(f"{src}/val classes differ from {src}/train classes "
-                         f"(only in train: {only_train or '-'}, only in val: {only_val or '-'})")
+    same_classes(classes, val_classes, f"{src}/train", f"{src}/val")
     _, val = _class_samples(src / "val", {c: i for i, c in enumerate(classes)})
     # The training order is shuffled once here: DALI's reader shuffles only within a buffer,
     # so shards must not hold one class each.

@@ -153,10 +153,10 @@ def _check_training(train_args: list[str], entry: str, cwd: Path) -> Path:
         cfg = parse_config(list(train_args), entry)
     except UsageError as e:
         raise UsageError(f"training arguments: {e}") from None
-    if cfg.resume != "auto":
-        raise UsageError(f"training arguments: --resume {cfg.resume}: job scripts always continue with "
+    if cfg.output.resume != "auto":
+        raise UsageError(f"training arguments: --resume {cfg.output.resume}: job scripts always continue with "
                          f"--resume auto (a fresh run needs a new --log-dir)")
-    run_dir = Path(os.path.abspath(cwd / cfg.log_dir))
+    run_dir = Path(os.path.abspath(cwd / cfg.output.log_dir))
     if re.search(r"[\s'\"#\\%]", str(run_dir)):
         raise UsageError(f"--log-dir {shlex.quote(str(run_dir))}: scheduler directives cannot take a path "
                          f"with spaces, quotes, '#' or '%'; choose another run directory")

@@ -27,14 +27,14 @@ def test_original_trainer_command_line_still_parses():
                         "--lr-scaling", "keep", "--fp16-allreduce", "--batches-per-allreduce", "4",
                         "--checkpoint-format", "./checkpoint-{epoch}.pth.tar", "--epsilon", "1e-5",
                         "--label-smoothing", "0.1", "--no-cuda", "--seed", "3", "--model", "resnet50", "--epochs", "90"])
-    assert cfg.base_op == "lars" and cfg.bn_bias_separately and cfg.fp16_allreduce
-    assert cfg.batches_per_allreduce == 4 and cfg.warmup_epochs == 0.3125
-    assert cfg.val_resize == 256  # 224 / 0.875
+    assert cfg.optim.base_op == "lars" and cfg.optim.bn_bias_separately and cfg.dist.fp16_allreduce
+    assert cfg.optim.batches_per_allreduce == 4 and cfg.optim.warmup_epochs == 0.3125
+    assert cfg.data.val_resize == 256  # 224 / 0.875
 
 
 def test_boolean_flags_have_negations():
-    assert not parse_config(BASE + ["--no-bn-bias-separately"]).bn_bias_separately
-    assert not parse_config(BASE + ["--fp16-allreduce", "--no-fp16-allreduce"]).fp16_allreduce
+    assert not parse_config(BASE + ["--no-bn-bias-separately"]).optim.bn_bias_separately
+    assert not parse_config(BASE + ["--fp16-allreduce", "--no-fp16-allreduce"]).dist.fp16_allreduce
 
 
 @pytest.mark.parametrize("argv, message", [

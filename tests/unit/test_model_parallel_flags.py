@@ -18,9 +18,9 @@ def test_shards_cover_everything_once_first_ranks_larger(total, parts):
 
 def test_flags():
     cfg = parse_config(BASE + ["--enable-model-parallel", "--num-classes", "1000000"])
-    assert cfg.enable_model_parallel and cfg.model_parallel_dim == 1 and cfg.num_classes == 1_000_000
-    assert parse_config(BASE + ["--enable-model-parallel", "--model-parallel-dim", "0"]).model_parallel_dim == 0
-    assert not parse_config(BASE).enable_model_parallel
+    assert cfg.dist.enable_model_parallel and cfg.dist.model_parallel_dim == 1 and cfg.data.num_classes == 1_000_000
+    assert parse_config(BASE + ["--enable-model-parallel", "--model-parallel-dim", "0"]).dist.model_parallel_dim == 0
+    assert not parse_config(BASE).dist.enable_model_parallel
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -30,7 +30,7 @@ def started(engine, flags: list[str], num_classes: int):
 
 
 def validation(engine, cfg, state) -> dict:
-    data = state.classifier.input(FolderInput(cfg, engine.rank, engine.size, CPU), cfg.image_size, CPU)
+    data = state.classifier.input(FolderInput(cfg, engine.rank, engine.size, CPU), cfg.data.image_size, CPU)
     return evaluate(state, data.val())
 
 
