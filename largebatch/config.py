@@ -92,6 +92,7 @@ class NumericsConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
+    engine: str
     fp16_allreduce: bool
     use_adasum: bool
     gradient_predivide_factor: float
@@ -199,7 +200,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(entry: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"pytorch_imagenet_resnet{'_dali' if entry == 'dali' else ''}.py",
-                description="Large-batch data-parallel ImageNet training with Horovod.",
+                description="Large-batch data-parallel ImageNet training with Horovod or torch.distributed.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
 
@@ -277,6 +278,9 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
                    help="with --prof: also write Horovod's timeline of the collectives")
 
     h = p.add_argument_group("distribution")
+    h.add_argument("--engine", choices=["auto", "horovod", "torch"], default="auto",
+                   help="auto: torch under torchrun, Horovod under mpirun/horovodrun/srun where it imports, "
+                        "else torch")
     h.add_argument("--fp16-allreduce", action=bool_flag, default=False, help="compress gradients to fp16 for allreduce")
     h.add_argument("--use-adasum", action=bool_flag, default=False, help="Adasum instead of averaging")
     h.add_argument("--gradient-predivide-factor", type=_positive_float, default=1.0,

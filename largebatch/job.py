@@ -19,7 +19,7 @@ import schedulers
 
 from . import checkpoint
 from .config import Config, UsageError
-from .engines import Engine, init_engine
+from .engines import Engine, choose, init_engine, launcher_rank
 from .logs import Board, Console
 from .model import build_model
 from .parallel import build_classifier
@@ -32,7 +32,7 @@ from .train import Hooks, train
 
 def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
-    engine = init_engine(timeline=cfg.numerics.timeline)
+    engine = start_engine(cfg)
     device = pick_device(cfg, engine)
     prepare_run_dir(cfg.output.log_dir, engine)
     data = build_input(cfg, entry, engine, device)
@@ -121,6 +121,18 @@ def read_checkpoint(cfg: Config, engine: Engine) -> dict | None:
     return state
 
 
+def start_engine(cfg: Config) -> Engine:
+    name, note = choose(cfg.dist.engine)
+    if note and launcher_rank() == 0:
+        print(note, flush=True)
+    engine = init_engine(name, timeline=cfg.numerics.timeline, use_gpu=not cfg.dist.no_cuda)
+    for flag, feature, wanted in (("--use-adasum", "adasum", cfg.dist.use_adasum),
+                                  ("--timeline", "timeline", cfg.numerics.timeline)):
+        if wanted and feature not in engine.features:
+            raise UsageError(f"{flag} needs the Horovod engine (this run uses the {engine.name} engine)")
+    return engine
+
+
 def pick_device(cfg: Config, engine: Engine) -> torch.device:
     if cfg.dist.no_cuda or not torch.cuda.is_available():
         policy = cfg.numerics.policy
@@ -129,7 +141,7 @@ def pick_device(cfg: Config, engine: Engine) -> torch.device:
             raise UsageError(f"{policy.name} computes in fp16, which needs a GPU, but {why}; "
                              f"on CPU use --precision amp-bf16 or bf16")
         if cfg.numerics.sync_bn:
-            raise UsageError("--sync-bn needs GPUs (Horovod's SyncBatchNorm runs on CUDA tensors only)")
+            raise UsageError("--sync-bn needs GPUs (both engines' SyncBatchNorm runs on CUDA tensors only)")
         return torch.device("cpu")
     torch.cuda.set_device(engine.local_rank % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())

@@ -135,7 +135,7 @@ class Precision:
         if policy.loss_scale is not None:
             dynamic = policy.loss_scale == "dynamic"
             self.scaler = LossScaler(2.0**16 if dynamic else policy.loss_scale, dynamic, device)
-        self._cast_names: set[str] = set()
+        self._cast: set[int] = set()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Put the model in the policy's dtypes and memory format (before the engine wraps the optimizer)."""
@@ -148,7 +148,9 @@ class Precision:
                 for m_name, m in model.named_modules() if _is_norm(m) and self.policy.keep_bn_fp32
                 for p_name, _ in m.named_parameters(recurse=False)}
         if self.policy.master_weights:
-            self._cast_names = {n for n, _ in model.named_parameters() if n not in keep}
+            # By identity, not name: the forward pass may run through an engine's wrapper
+            # (DDP), whose parameter names carry a prefix.
+            self._cast = {id(p) for n, p in model.named_parameters() if n not in keep}
             if not self.policy.keep_bn_fp32:
                 # BN computing in fp16 needs its running statistics in fp16 too; they are
                 # buffers updated in place, so they live in that dtype rather than being cast.
@@ -173,9 +175,9 @@ class Precision:
         if self.policy.cast_model is not None:
             images = images.to(self.policy.cast_model)
         with self.autocast():
-            if self._cast_names:
+            if self._cast:
                 dtype = self.policy.cast_model
-                weights = {n: (p.to(dtype) if n in self._cast_names else p) for n, p in model.named_parameters()}
+                weights = {n: (p.to(dtype) if id(p) in self._cast else p) for n, p in model.named_parameters()}
                 return functional_call(model, {**weights, **dict(model.named_buffers())}, (images,))
             return model(images)
 

@@ -84,7 +84,7 @@ def train_step(state: TrainState, micro_batches, meter: Meter) -> None:
                 # to run so that the engine's count of passes stays in step with the other ranks.
                 precision.backward(sum(p.sum() * 0.0 for p in model.parameters()))
                 continue
-            logits = precision.forward(model, images)
+            logits = precision.forward(gradients.module, images)
             loss = state.criterion(logits.float(), labels)
             precision.backward(loss / len(micro_batches))
             meter.add(loss, logits, labels)

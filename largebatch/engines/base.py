@@ -36,14 +36,15 @@ class Gradients:
     """How one optimizer step's gradients are averaged across ranks. The training step:
 
         for each micro-batch:
-            with gradients.backward(last=is_last): forward, loss, backward
+            with gradients.backward(last=is_last): forward (through ``module``), loss, backward
         gradients.reduce()   # every rank now holds the averaged gradients
         ...unscale, check for overflow...
         gradients.step()     # the optimizer step, without reducing again
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module):
         self.optimizer = optimizer
+        self.module = module  # what the forward pass runs through (an engine may wrap the model)
 
     def backward(self, last: bool):
         return contextlib.nullcontext()
@@ -62,6 +63,8 @@ class Engine:
     local_rank: int
     local_size: int
     name = "none"
+    # Optional capabilities, named as the job asks for them ("adasum", "timeline").
+    features: frozenset[str] = frozenset()
 
     @property
     def is_main(self) -> bool:

@@ -52,6 +52,7 @@ def _carried_compression(base):
 
 class HorovodEngine(Engine):
     name = "horovod"
+    features = frozenset({"adasum", "timeline"})
 
     @classmethod
     def init(cls, timeline: bool = False) -> "HorovodEngine":
@@ -106,7 +107,7 @@ class HorovodEngine(Engine):
         finally:
             for p in hidden:
                 p.requires_grad_(True)
-        return HorovodGradients(wrapped)
+        return HorovodGradients(wrapped, model)
 
     def sync_batchnorm(self, model):
         """Replace every BatchNorm layer with Horovod's synchronised one (CUDA tensors only)."""
