@@ -64,6 +64,7 @@ class OptimConfig:
     label_smoothing: float
     base_op: str
     bn_bias_separately: bool
+    max_nonfinite_steps: int
 
     def lr(self, world_size: int) -> float:
         """The peak learning rate after --lr-scaling for this many processes."""
@@ -258,6 +259,9 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     o.add_argument("--base-op", choices=["sgd", "lars", "lamb"], default="lars")
     o.add_argument("--bn-bias-separately", action=bool_flag, default=True,
                    help="no weight decay and no trust ratio for normalisation weights and biases")
+    o.add_argument("--max-nonfinite-steps", type=_non_negative_int, default=0, metavar="N",
+                   help="stop the run (status 'failed', exit 3) once more than N optimizer steps had an inf or "
+                        "NaN loss; steps that loss scaling skipped do not count")
 
     n = p.add_argument_group("numerics and performance")
     n.add_argument("--precision", choices=["fp32", "amp", "amp-bf16", "fp16", "bf16"], default=None,
@@ -285,6 +289,8 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     h.add_argument("--use-adasum", action=bool_flag, default=False, help="Adasum instead of averaging")
     h.add_argument("--gradient-predivide-factor", type=_positive_float, default=1.0,
                    help="divide gradients by this before the allreduce and by size/this after")
+    # torch.distributed.launch passes this; the engine reads LOCAL_RANK from the environment.
+    h.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     h.add_argument("--no-cuda", action="store_true", help="train on CPU even where a GPU is present")
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--enable-model-parallel", action="store_true",

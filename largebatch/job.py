@@ -30,6 +30,9 @@ from .stop import StopRequest
 from .train import Hooks, train
 
 
+DIVERGED = 3  # exit status of a run stopped by non-finite losses (2: bad input, 1: other failures)
+
+
 def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
     engine = start_engine(cfg)
@@ -58,12 +61,13 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     if result == "profiled":
         console.print(f"profiled {cfg.numerics.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
     if engine.is_main:
-        write_status(cfg.output.log_dir, result, state.position, checkpoints(cfg).latest())
+        write_status(cfg.output.log_dir, "failed" if result == "diverged" else result, state.position,
+                     checkpoints(cfg).latest())
         console.print(f"{result}: run directory {cfg.output.log_dir} (TensorBoard: tensorboard --logdir {cfg.output.log_dir})")
     board.close()
     if data.bad_files:
         print(f"warning: rank {engine.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
-    return 0
+    return DIVERGED if result == "diverged" else 0
 
 
 def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: int, steps_per_epoch: int,

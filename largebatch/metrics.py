@@ -17,24 +17,30 @@ def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[tor
 
 
 class Meter:
-    """Accumulates [loss*n, top1 hits, top5 hits, n]."""
+    """Accumulates [loss*n, top1 hits, top5 hits, n, optimizer steps taken on a non-finite loss]."""
 
     def __init__(self, device: torch.device, hits=topk_hits):
         # A model-parallel criterion sees only a slice of every row's logits and brings its
         # own ``hits`` (counted across the ranks, with the signature of ``topk_hits``).
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.hits = hits
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         top1, top5 = self.hits(logits.detach(), target)
         n = target.numel()
-        self.sums += torch.stack([loss.detach().double() * n, top1.double(), top5.double(),
-                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+        self.sums[:4] += torch.stack([loss.detach().double() * n, top1.double(), top5.double(),
+                                      torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def add_nonfinite(self, count: torch.Tensor) -> None:
+        """Count optimizer steps taken although their loss was inf or NaN (on the device:
+        no sync). Steps that loss scaling skipped are not counted: they changed nothing."""
+        self.sums[4] += count
 
     def reduce(self, dist, name: str) -> dict:
         """Average over every sample of every rank since the last reset."""
         total = dist.allreduce_sum(self.sums.cpu(), name=name) if dist is not None else self.sums.cpu()
-        loss, top1, top5, n = total.tolist()
+        loss, top1, top5, n, nonfinite = total.tolist()
         self.sums.zero_()
         n = max(n, 1.0)
-        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n)}
+        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n),
+                "nonfinite_steps": int(nonfinite)}

@@ -28,11 +28,13 @@ class Hooks:
 
 def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
     """Train from ``state.position`` to ``cfg.optim.epochs``. Returns "finished"; "stopped" after a
-    stop request (a signal), once a checkpoint is written; or "profiled" once --prof's
-    steps are recorded. ``state.position`` tells where it ended."""
+    stop request (a signal), once a checkpoint is written; "profiled" once --prof's steps are
+    recorded; or "diverged" when more than --max-nonfinite-steps steps had a non-finite loss.
+    ``state.position`` tells where it ended."""
     n_micro = cfg.optim.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
     engine, pos = state.engine, state.position
+    nonfinite_steps = 0
     device = next(state.model.parameters()).device
     for epoch in range(pos.epoch, cfg.optim.epochs):
         state.model.train()
@@ -47,7 +49,13 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
             if hooks.profiler.step():
                 return "profiled"
             if pos.epoch_step % cfg.output.print_freq == 0 or pos.epoch_step == steps_per_epoch:
-                report(state, meter, speed, hooks, lr)
+                nonfinite_steps += report(state, meter, speed, hooks, lr)
+                if nonfinite_steps > cfg.optim.max_nonfinite_steps:
+                    hooks.console.end_epoch(f"stopped: the loss was not finite in {nonfinite_steps} optimizer "
+                                            f"step(s) up to step {pos.step} (--max-nonfinite-steps "
+                                            f"{cfg.optim.max_nonfinite_steps}); the run diverged, its last finite "
+                                            f"checkpoint is kept")
+                    return "diverged"
                 if hooks.stop.agreed(engine):
                     hooks.save(state, False)
                     hooks.console.end_epoch(f"stopped by {hooks.stop.reason} at epoch {epoch + 1} step "
@@ -77,6 +85,7 @@ def train_step(state: TrainState, micro_batches, meter: Meter) -> None:
     so LARS sees true fp32 gradients.
     """
     model, precision, gradients = state.model, state.precision, state.gradients
+    nonfinite = torch.zeros((), device=meter.sums.device)
     for i, (images, labels) in enumerate(micro_batches):
         with gradients.backward(last=i == len(micro_batches) - 1):
             if images is None:
@@ -88,14 +97,19 @@ def train_step(state: TrainState, micro_batches, meter: Meter) -> None:
             loss = state.criterion(logits.float(), labels)
             precision.backward(loss / len(micro_batches))
             meter.add(loss, logits, labels)
+            nonfinite += ~torch.isfinite(loss.detach())
     gradients.reduce()
     if precision.step(state.optimizer, gradients.step):
         state.scheduler.step()
+        meter.add_nonfinite(nonfinite.clamp(max=1))
     state.optimizer.zero_grad()
 
 
-def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr: float) -> None:
+def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr: float) -> int:
+    """Log the meter's averages since the last report; returns the optimizer steps taken on a
+    non-finite loss since then, summed over the ranks."""
     stats = meter.reduce(state.engine, name="train_meter")
+    nonfinite = stats.pop("nonfinite_steps")
     stats["lr"] = lr
     stats["images_per_sec"] = speed.rate(stats.pop("count"))
     step = state.position.step
@@ -103,6 +117,7 @@ def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr:
     hooks.board.scalars(step, {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": stats["lr"],
                                "train/images_per_sec": stats["images_per_sec"], **state.precision.scalars()})
     hooks.board.trust_ratios(step, getattr(state.optimizer, "last_trust_ratios", None))
+    return nonfinite
 
 
 @torch.no_grad()

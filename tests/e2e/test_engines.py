@@ -1,0 +1,121 @@
+"""The two engines side by side: the same training from the same seed, a run moved from one
+to the other, auto-selection, torchrun (single- and multi-node rendezvous), and the torch
+engine on a machine where Horovod cannot be imported."""
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from helpers import PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, run_and_signal, run_job
+from test_bad_input import assert_usage_error
+from test_training import job_args
+
+pytestmark = pytest.mark.mpi
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
+
+
+def torchrun(args: list, nproc: int = 2, launcher: list | None = None, timeout: float = 300,
+             extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc)]), TRAIN, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})},
+                          cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def test_same_seed_same_weights_on_both_engines(digits, tmp_path):
+    """Two processes, one epoch of LARS from the same seed, under each engine. The engines
+    sum in different orders ((a + b) / 2 against a / 2 + b / 2), so the weights agree to
+    float rounding, not bit for bit; the bound below is what that allows after 10 steps."""
+    args = ["--epochs", "1", "--warmup-epochs", "0.5", "--base-op", "lars", "--seed", "5"]
+    run_job(job_args(digits, tmp_path / "hvd", *args, "--engine", "horovod"))
+    proc = run_job(job_args(digits, tmp_path / "torch", *args, "--engine", "torch"))
+    assert "torch engine" in proc.stdout
+    hvd, tch = latest_checkpoint(tmp_path / "hvd"), latest_checkpoint(tmp_path / "torch")
+    assert (hvd["engine"], tch["engine"]) == ("horovod", "torch")
+    difference = max_difference(hvd["model"], tch["model"])
+    print(f"largest weight difference between the engines: {difference:.3e}")
+    assert difference < 1e-4
+
+
+def test_horovod_run_resumes_under_torchrun(digits, tmp_path):
+    """Stopped after its first epoch under Horovod, continued under torchrun: it ends where
+    the uninterrupted Horovod run ends (to float rounding: the second epoch's sums are the
+    torch engine's)."""
+    args = ["--epochs", "2", "--seed", "9"]
+    run_job(job_args(digits, tmp_path / "straight", *args, "--engine", "horovod"))
+    moved = job_args(digits, tmp_path / "moved", *args)
+    run_and_signal([*moved, "--engine", "horovod"], when="epoch 1/2: val", marker=str(tmp_path / "moved"))
+    stopped = latest_checkpoint(tmp_path / "moved")
+    assert (stopped["engine"], stopped["epoch"]) == ("horovod", 1)
+    proc = torchrun(moved)
+    assert "resuming from" in proc.stdout and "torch engine" in proc.stdout
+    straight, resumed = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "moved")
+    assert (resumed["engine"], resumed["step"]) == ("torch", straight["step"])
+    assert max_difference(straight["model"], resumed["model"]) < 1e-4
+
+
+def test_torchrun_multi_node_rendezvous(digits, tmp_path):
+    """Two "nodes" (two torchrun agents on this host) meeting through the c10d rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = job_args(digits, tmp_path / "run", "--epochs", "1")
+    agents = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", TRAIN, *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+              for _ in range(2)]
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert any("2 process(es), torch engine" in o for o in outputs)
+    assert latest_checkpoint(tmp_path / "run")["world_size"] == 2
+
+
+def test_torch_engine_never_imports_horovod(digits, tmp_path):
+    """A `horovod` package that kills any process importing it: the torch engine runs on.
+    And one whose import fails: --engine auto falls back to torch, saying so in one line."""
+    poisoned, missing = tmp_path / "poisoned", tmp_path / "missing"
+    for root, body in ((poisoned, "import os\nos._exit(17)\n"), (missing, "raise ImportError('no Horovod here')\n")):
+        (root / "horovod").mkdir(parents=True)
+        (root / "horovod" / "__init__.py").write_text(body)
+    path = f"{ROOT}"
+    args = ["--epochs", "1"]
+    run = {"PYTHONPATH": f"{poisoned}:{path}"}
+    cmd = mpi_command(2, TRAIN, [*job_args(digits, tmp_path / "torch", *args, "--engine", "torch")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env(), **run}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cmd = mpi_command(2, TRAIN, [*job_args(digits, tmp_path / "auto", *args)])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**env(), "PYTHONPATH": f"{missing}:{path}"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("using the torch engine") == 1, proc.stdout
+    assert latest_checkpoint(tmp_path / "auto")["engine"] == "torch"
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--use-adasum"], "--use-adasum"),
+                                             (["--prof", "2", "--timeline"], "--timeline")])
+def test_horovod_only_flags_are_refused_under_torch(flags, fragment, tmp_path):
+    proc = run_job(["--synthetic", "--synthetic-size", "64", "--model", "resnet18", "--image-size", "16",
+                    "--val-resize", "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
+                    "--engine", "torch", "--log-dir", tmp_path / "run", *flags], np=2, check=False, timeout=120)
+    assert_usage_error(proc, fragment, "Horovod engine")
+
+
+def test_torchrun_selects_the_torch_engine_and_python_m_launch_works(digits, tmp_path):
+    """torchrun chooses the torch engine by itself; so does `python -m torch.distributed.launch`,
+    whose --local-rank argument the job accepts."""
+    proc = torchrun(job_args(digits, tmp_path / "run", "--epochs", "1"))
+    assert "2 process(es), torch engine" in proc.stdout
+    assert latest_checkpoint(tmp_path / "run")["engine"] == "torch"
+    # The deprecated launcher passes --local-rank to the script (without --use-env).
+    launch = [PYTHON, "-m", "torch.distributed.launch", "--nproc_per_node", "2"]
+    proc = subprocess.run([*launch, TRAIN, *map(str, job_args(digits, tmp_path / "launch", "--epochs", "1"))],
+                          capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 process(es), torch engine" in proc.stdout
