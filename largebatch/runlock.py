@@ -8,10 +8,12 @@
 The lock is a POSIX record lock (``fcntl.lockf``) on ``<run_dir>/.lock``. The kernel drops
 it when the holder exits for any reason, SIGKILL included, so there is nothing stale to
 clean up. POSIX locks, unlike ``flock``, are what NFS (v3 through lockd, v4 natively),
-Lustre (mounted with ``-o flock`` or ``localflock``) and GPFS honour across hosts; on NFS a
-dead client's lock is released when its lease expires (about 90 s). Where the file system
-cannot lock at all (ENOLCK, EOPNOTSUPP, ENOSYS), ``acquire`` prints one warning and goes on
-unlocked: refusing to train would be worse than the risk it warns about.
+Lustre (mounted with ``-o flock``) and GPFS honour across hosts; on NFS a dead client's
+lock is released when its lease expires (about 90 s). Mounts that lock per host only
+(Lustre ``localflock``, NFS ``local_lock=all``) cannot be told apart from here. Where the
+file system cannot lock at all (ENOLCK, EOPNOTSUPP, ENOSYS: Lustre without ``flock``),
+``acquire`` prints one warning and goes on unlocked: refusing to train would be worse than
+the risk it warns about.
 
 The file holds JSON ``{"host", "pid", "started"}`` of the holder, so a second run can say
 who holds the directory::
