@@ -1,46 +1,131 @@
-"""Full-state checkpoints: atomic writes, keep the last K, find the newest, refuse to mix runs.
+"""Full-state checkpoints: verified writes, keep the last K, resume from the newest intact one.
 
-A checkpoint is one ``torch.save`` dict with the keys ``model``, ``optimizer``,
+API (rank 0 calls all of it; ``store = Checkpoints(run_dir, name_format, keep)``):
+
+    store.save(state, epoch_end, finite=None) -> Path
+        write, verify, record and rotate; raises CheckpointWriteError (an OSError whose str
+        is one line: the file, the space needed and free, that the previous one is intact)
+    store.load_newest(warn=warning, finite_only=False) -> (Path, dict) | None
+        ``--resume auto``: the newest intact checkpoint; each damaged (or missing, or with
+        ``finite_only`` non-finite) newer one is skipped with one ``warn`` line; None if none
+        is listed; CheckpointError (one line) if every listed one that exists is unusable:
+        a fresh start there would silently throw the run away
+    load(path) -> dict
+        ``--resume PATH``: verified against its directory's manifest when listed there;
+        CheckpointError (a UsageError, one line) if damaged or not a checkpoint
+    check_same_run(state, cfg, path)   UsageError if the checkpoint is another experiment's
+    store.latest() -> Path | None      newest listed file that exists (not verified)
+    store.name_for(epoch, step, epoch_end) -> str
+    all_finite(state) -> bool          what ``save`` records when ``finite`` is not given
+
+The run directory's lock and stale temporaries are runlock.py's and files.py's concern.
+
+Contents. A checkpoint is one ``torch.save`` dict with the keys ``model``, ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``step`` (optimizer steps
 completed), ``epoch_step`` (steps completed within ``epoch``; the data order's position),
 ``rng`` (each rank's torch RNG state), ``rank_buffers`` (each rank's batch-norm running
 statistics, which differ between the epoch-end averagings), ``world_size``, ``args`` and
-``version``. Only plain
-types and tensors go in, so it loads with ``torch.load(weights_only=True)``.
+``version``. Only plain types and tensors go in, so it loads with
+``torch.load(weights_only=True)``.
 
-The run directory keeps ``checkpoints.json``, the list of files in the order written; the
-last entry is the newest. Files are written to a temporary name, flushed to disk and
-renamed, so a job killed mid-write leaves the previous checkpoint intact.
+Manifest. ``checkpoints.json`` holds ``files``, the names in the order written (the last
+is the newest), and ``entries``, per name: ``sha256`` and ``size`` of the bytes written,
+``finite`` (the model's and optimizer's floating-point tensors are all finite), ``epoch``,
+``step``. The checksum is computed from the bytes as ``torch.save`` writes them, so a save
+never rereads its file. A manifest of the previous version has only ``files``: its
+checkpoints are accepted unverified, checked only by loading them.
+
+Integrity. A read checks the size, then the sha256, then that ``torch.load`` accepts it,
+then the keys. ``torch.load`` alone is not enough: 4 KiB of random bytes inside a tensor's
+data loads without complaint (the zip reader does not check CRCs) and resumes a run on
+garbage weights. A write goes to a temporary file that is flushed, fsynced, checked to have
+the size written, renamed, and then recorded; only after that are older files rotated out.
+
+Rotation. After a save the newest ``keep`` files stay. If none of them is finite, the
+newest finite older one stays too (so a run that diverges keeps a point to go back to,
+even with ``--keep-checkpoints 1``). Entries without a ``finite`` field (old manifests)
+count as finite.
+
+Disk space. The invariant: the newest checkpoint on disk is never deleted before a newer
+one is written and verified. Before writing, if the free space is less than the size
+expected (the newest checkpoint's, or the tensors' bytes if more), the files this save would
+rotate out anyway are deleted first, oldest first, except the newest one and the newest
+finite one. So a run needs room for ``max(keep, 2)`` checkpoints (``keep`` of them, or one
+old and one being written), not ``keep + 1``; with ``--keep-checkpoints 1`` that is room
+for two. When the write still fails for space, nothing was lost: the temporary file is
+removed, the manifest is unchanged, and CheckpointWriteError says so in one line.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
-import os
+import shutil
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .config import Config, UsageError
+from .files import atomic_write
 
 MANIFEST = "checkpoints.json"
-VERSION = 1
+VERSION = 1  # of the state dict; the manifest's own format is MANIFEST_FORMAT
+MANIFEST_FORMAT = 2  # 1 (no field): files only; 2: entries with sha256, size, finite
 # Flags that define what a run is: resuming with any of them changed would continue a
 # different experiment from this one's weights, so it is refused.
 IDENTITY = ("model", "num_classes", "batch_size", "batches_per_allreduce", "base_op", "epochs",
             "lr_schedule", "image_size", "synthetic")
+_SPACE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file size limit (ulimit -f) exceeded"}
+_ZIP_MAGIC = b"PK\x03\x04"   # torch.save's format since 1.6
+_PICKLE_MAGIC = b"\x80"      # the legacy format starts with a pickle protocol marker
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used (damaged, truncated, not a checkpoint); one line."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written; ``str()`` is one line for the user, and the
+    previous checkpoint is intact. ``errno`` is the underlying error's."""
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def warning(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class Checkpoints:
     def __init__(self, run_dir: Path, name_format: str, keep: int):
-        self.run_dir, self.name_format, self.keep = run_dir, name_format, keep
+        self.run_dir, self.name_format, self.keep = Path(run_dir), name_format, keep
+
+    # --- manifest ---------------------------------------------------------------------------
+
+    def _manifest(self) -> tuple[list[str], dict[str, dict]]:
+        try:
+            return _parse_manifest((self.run_dir / MANIFEST).read_text())
+        except FileNotFoundError:
+            return [], {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{self.run_dir / MANIFEST} is damaged ({e}); fix or remove it") from None
+
+    def _write_manifest(self, files: list[str], entries: dict[str, dict]) -> None:
+        data = {"format": MANIFEST_FORMAT, "files": files, "entries": {f: entries[f] for f in files if f in entries}}
+        atomic_write(self.run_dir / MANIFEST, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
     def _files(self) -> list[str]:
-        try:
-            return json.loads((self.run_dir / MANIFEST).read_text())["files"]
-        except FileNotFoundError:
-            return []
-        except (ValueError, KeyError) as e:
-            raise UsageError(f"{self.run_dir / MANIFEST} is damaged ({e}); fix or remove it") from None
+        return self._manifest()[0]
+
+    # --- naming and finding -----------------------------------------------------------------
 
     def latest(self) -> Path | None:
         for name in reversed(self._files()):
@@ -56,40 +141,133 @@ class Checkpoints:
             name = f"{stem}-step{step}{dot}{suffix}"
         return name
 
-    def save(self, state: dict, epoch_end: bool) -> Path:
-        """Write atomically, record it, then delete what falls beyond the last ``keep``."""
+    def load_newest(self, warn: Callable[[str], None] = warning,
+                    finite_only: bool = False) -> tuple[Path, dict] | None:
+        files, entries = self._manifest()
+        damaged = nonfinite = 0
+        for name in reversed(files):
+            path, record = self.run_dir / name, entries.get(name)
+            if not path.exists():
+                # Removed by hand; not damage, but resuming from an older one should not go unnoticed.
+                warn(f"warning: {path} is listed in {MANIFEST} but missing; trying an older checkpoint")
+                continue
+            if finite_only and record and record.get("finite") is False:
+                nonfinite += 1
+                warn(f"warning: {path} holds non-finite weights; trying an older checkpoint")
+                continue
+            try:
+                return path, _load(path, record)
+            except CheckpointError as e:
+                damaged += 1
+                warn(f"warning: {e}; trying an older checkpoint")
+        if damaged or nonfinite:
+            why = ", ".join(f"{n} {what}" for n, what in ((damaged, "damaged"), (nonfinite, "non-finite")) if n)
+            raise CheckpointError(f"--log-dir {self.run_dir} holds no usable checkpoint ({why}); "
+                                  f"pass --resume PATH, or remove them to start over")
+        return None
+
+    # --- saving -----------------------------------------------------------------------------
+
+    def save(self, state: dict, epoch_end: bool, finite: bool | None = None) -> Path:
+        """Write, verify, record, then rotate; see the module docstring for the rules."""
         name = self.name_for(state["epoch"], state["step"], epoch_end)
         path = self.run_dir / name
-        _atomic_write(path, lambda f: torch.save(state, f))
-        files = [f for f in self._files() if f != name] + [name]
-        stale, files = files[:-self.keep], files[-self.keep:]
-        _atomic_write(self.run_dir / MANIFEST, lambda f: f.write(json.dumps({"files": files}, indent=1).encode()))
+        finite = all_finite(state) if finite is None else bool(finite)
+        files, entries = self._manifest()
+        overwrite = name in files  # a stop at an epoch end, say: the same position saved again
+        previous = _newest_existing(self.run_dir, files)
+        expected = _expected_size(previous, state)
+        try:
+            files = self._make_room(files, entries, name, finite, previous, expected)
+        except OSError as e:
+            raise self._write_error(path, e, previous, expected, 0) from None
+
+        writer = _HashingWriter()
+
+        def write(f):
+            writer.target = f
+            torch.save(state, writer)
+
+        def verify(tmp: Path) -> None:
+            on_disk = tmp.stat().st_size
+            if on_disk != writer.size:
+                raise OSError(errno.EIO, f"wrote {writer.size} bytes but the file has {on_disk}")
+            if overwrite and name in entries:
+                # Same name as an existing checkpoint: until the manifest is rewritten below,
+                # it describes the old contents, so accept either while the rename happens.
+                old = {k: entries[name][k] for k in ("sha256", "size") if k in entries[name]}
+                self._write_manifest(files, {**entries, name: {**record(), "previous": old}})
+
+        def record() -> dict:
+            return {"sha256": writer.sha256.hexdigest(), "size": writer.size, "finite": finite,
+                    "epoch": state["epoch"], "step": state["step"]}
+
+        try:
+            atomic_write(path, write, verify=verify)
+        except Exception as e:
+            # torch.save turns a failed write into a RuntimeError of its own (its zip writer
+            # trips over the short file on the way out); the writer kept the real error.
+            error = writer.error or (e if isinstance(e, OSError) else None)
+            if error is None:
+                raise
+            raise self._write_error(path, error, previous, expected, writer.size) from None
+
+        files = [f for f in files if f != name] + [name]
+        entries = {**entries, name: record()}
+        kept, stale = _rotate(files, entries, self.keep)
+        try:
+            self._write_manifest(kept, entries)
+        except OSError as e:
+            # A new name is complete but unlisted, and nothing would ever rotate it out. An
+            # overwritten one stays: it is listed, and its entry accepts the new contents.
+            if not overwrite:
+                path.unlink(missing_ok=True)
+            raise self._write_error(self.run_dir / MANIFEST, e, previous, expected, writer.size) from None
         for old in stale:
             (self.run_dir / old).unlink(missing_ok=True)
         return path
 
+    def _make_room(self, files, entries, name, finite, previous, expected) -> list[str]:
+        """Delete, before writing, files this save would rotate out anyway, while the free
+        space is short; never the newest existing one or the newest finite one."""
+        if not _short(self.run_dir, expected):
+            return files
+        future = [f for f in files if f != name] + [name]
+        _, stale = _rotate(future, {**entries, name: {"finite": finite}}, self.keep)
+        protected = {previous.name if previous else None, _newest_finite(self.run_dir, files, entries)}
+        for old in [f for f in stale if f not in protected]:
+            if not _short(self.run_dir, expected):
+                break
+            files = [f for f in files if f != old]
+            self._write_manifest(files, entries)  # first: the manifest never lists a deleted file
+            (self.run_dir / old).unlink(missing_ok=True)
+        return files
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def _write_error(self, path: Path, e: OSError, previous: Path | None, expected: int,
+                     written: int) -> CheckpointWriteError:
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        if e.errno in _SPACE_ERRNOS:
+            needed = max(expected, written + 1)
+            hint = ("free space, or lower --keep-checkpoints" if self.keep > 1 else
+                    "free space (a run needs room for two checkpoints while it replaces one)")
+            return CheckpointWriteError(e.errno, f"cannot write checkpoint {path}: {_SPACE_ERRNOS[e.errno]} "
+                                                 f"(needs {_human(needed)}, {_human(_free(self.run_dir))} free "
+                                                 f"on {self.run_dir}); {kept}; {hint}")
+        return CheckpointWriteError(e.errno, f"cannot write checkpoint {path} ({e.strerror or e}); {kept}")
 
 
 def load(path: Path) -> dict:
+    """Read an explicitly named checkpoint, verified against the manifest of its directory
+    when that lists it (a damaged manifest is ignored here: the file may be all there is)."""
+    path = Path(path)
+    record = None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    missing = {"model", "optimizer", "epoch", "step", "args"} - set(state)
-    if missing:
-        raise UsageError(f"{path} is not a largebatch checkpoint (missing {', '.join(sorted(missing))})")
-    return state
+        files, entries = _parse_manifest((path.parent / MANIFEST).read_text())
+        if path.name in files:
+            record = entries.get(path.name)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return _load(path, record)
 
 
 def check_same_run(state: dict, cfg: Config, source: Path) -> None:
@@ -100,3 +278,168 @@ def check_same_run(state: dict, cfg: Config, source: Path) -> None:
     if differ:
         what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {current[k]})" for k in differ)
         raise UsageError(f"{source} belongs to a run with {what}; use a new --log-dir for a new run")
+
+
+def all_finite(state: dict) -> bool:
+    """Whether every floating-point tensor of the model and optimizer state is finite."""
+    return all(bool(torch.isfinite(t).all()) for part in ("model", "optimizer")
+               for t in _tensors(state.get(part)) if t.is_floating_point() or t.is_complex())
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def _load(path: Path, record: dict | None) -> dict:
+    try:
+        data = path.read_bytes()  # once: hashed and parsed from memory, not read twice
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror or e})") from None
+    if record:
+        accepted = [record, *([record["previous"]] if isinstance(record.get("previous"), dict) else [])]
+        if "size" in record and all(len(data) != r.get("size") for r in accepted):
+            raise CheckpointError(f"{path} is truncated or damaged: it has {len(data)} bytes, "
+                                  f"{record['size']} were written")
+        if "sha256" in record:
+            digest = hashlib.sha256(data).hexdigest()
+            if all(digest != r.get("sha256") for r in accepted):
+                raise CheckpointError(f"{path} is damaged: its contents differ from what was written "
+                                      f"(sha256 mismatch)")
+    state = _parse(path, data)
+    missing = {"model", "optimizer", "epoch", "step", "args"} - set(state)
+    if missing:
+        raise CheckpointError(f"{path} is not a largebatch checkpoint (missing {', '.join(sorted(missing))})")
+    return state
+
+
+def _parse(path: Path, data: bytes) -> dict:
+    if not data:
+        raise CheckpointError(f"{path} is empty, not a PyTorch checkpoint")
+    if not data.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        what = "a text file?" if _looks_like_text(data[:4096]) else "unknown contents"
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what})")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError, ...
+        raise CheckpointError(f"{path} is truncated or damaged: torch.load fails ({_first_sentence(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a largebatch checkpoint (it holds a {type(state).__name__})")
+    return state
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\n\r\t" for c in text)
+
+
+def _first_sentence(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = text.split(". ")[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _parse_manifest(text: str) -> tuple[list[str], dict[str, dict]]:
+    data = json.loads(text)
+    files = data["files"]
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValueError("'files' is not a list of names")
+    entries = data.get("entries", {})  # absent in the previous format
+    if not isinstance(entries, dict):
+        raise ValueError("'entries' is not a mapping")
+    return files, {k: v for k, v in entries.items() if isinstance(v, dict)}
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+class _HashingWriter:
+    """File-like wrapper that hashes and counts what torch.save writes through it."""
+
+    def __init__(self):
+        self.target, self.sha256, self.size = None, hashlib.sha256(), 0
+        self.error: OSError | None = None  # the first failed write's
+
+    def write(self, data) -> int:
+        try:
+            written = self.target.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return written
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+def _rotate(files: list[str], entries: dict[str, dict], keep: int) -> tuple[list[str], list[str]]:
+    """(kept, stale): the newest ``keep``, plus the newest finite older one if none of
+    those is finite."""
+    kept = files[-keep:]
+    if not any(_maybe_finite(entries.get(f)) for f in kept):
+        older = [f for f in files[:-keep] if _maybe_finite(entries.get(f))]
+        if older:
+            kept = [older[-1], *kept]
+    return kept, [f for f in files if f not in kept]
+
+
+def _maybe_finite(record: dict | None) -> bool:
+    return record is None or record.get("finite", True) is not False
+
+
+def _newest_existing(run_dir: Path, files: list[str]) -> Path | None:
+    for name in reversed(files):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def _newest_finite(run_dir: Path, files: list[str], entries: dict[str, dict]) -> str | None:
+    for name in reversed(files):
+        if _maybe_finite(entries.get(name)) and (run_dir / name).is_file():
+            return name
+    return None
+
+
+def _expected_size(previous: Path | None, state: dict) -> int:
+    """The newest checkpoint's size, or the tensors' bytes if more (the first save, a
+    model that grew)."""
+    tensors = sum(t.numel() * t.element_size() for t in _tensors(state))
+    try:
+        return max(tensors, previous.stat().st_size if previous is not None else 0)
+    except OSError:
+        return tensors
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _free(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:  # unknown: make no room (deletes nothing early), report "unknown"
+        return None
+
+
+def _short(directory: Path, expected: int) -> bool:
+    free = _free(directory)
+    # The margin covers the manifest and the zip format's overhead over the tensors' bytes.
+    return free is not None and free < expected + 64 * 1024 + expected // 100
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"

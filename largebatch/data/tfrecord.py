@@ -59,6 +59,7 @@ from pathlib import Path
 import google_crc32c
 
 from ..config import UsageError
+from ..files import atomic_write
 from .checks import same_classes
 
 SPLITS = {"train": "train", "validation": "val"}  # TFRecord folder -> ImageFolder folder
@@ -244,12 +245,7 @@ def index_matches(record: Path, index: Path, expected: int | None = None) -> str
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(data))
 
 
 # --- convert -----------------------------------------------------------------------------------
@@ -281,32 +277,27 @@ def write_shard(out: Path, shard: Shard) -> int:
     """Write, verify and rename one shard and its index; returns its record count."""
     record_path = out / shard.split / shard.name
     index_path = out / "idx_files" / shard.split / shard.name
-    tmp = record_path.with_name(f".{shard.name}.tmp-{os.getpid()}")
     index_lines = []
-    try:
-        with open(tmp, "wb") as f:
-            offset = 0
-            for path, relative, label, synset in shard.samples:
-                try:
-                    data = Path(path).read_bytes()
-                except OSError as e:
-                    raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-                problem = _image_problem(data)
-                if problem:
-                    raise DataError(f"{path}: not a readable image ({problem}); fix or remove it and run again "
-                                    f"(finished shards are kept)")
-                fmt = b"PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else b"JPEG"
-                record = frame(encode_example({ENCODED: data, LABEL: label, "image/class/synset": synset.encode(),
-                                               "image/filename": relative.encode(), "image/format": fmt}))
-                f.write(record)
-                index_lines.append(f"{offset} {len(record)}\n")
-                offset += len(record)
-            f.flush()
-            os.fsync(f.fileno())
-        _verify_shard(tmp, shard, index_lines)
-        os.replace(tmp, record_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(f):
+        offset = 0
+        for path, relative, label, synset in shard.samples:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+            problem = _image_problem(data)
+            if problem:
+                raise DataError(f"{path}: not a readable image ({problem}); fix or remove it and run again "
+                                f"(finished shards are kept)")
+            fmt = b"PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else b"JPEG"
+            record = frame(encode_example({ENCODED: data, LABEL: label, "image/class/synset": synset.encode(),
+                                           "image/filename": relative.encode(), "image/format": fmt}))
+            f.write(record)
+            index_lines.append(f"{offset} {len(record)}\n")
+            offset += len(record)
+
+    atomic_write(record_path, write, verify=lambda tmp: _verify_shard(tmp, shard, index_lines))
     _write_atomically(index_path, "".join(index_lines).encode())
     return len(shard.samples)
 
