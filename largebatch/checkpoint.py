@@ -20,13 +20,7 @@ API (rank 0 calls all of it; ``store = Checkpoints(run_dir, name_format, keep)``
 
 The run directory's lock and stale temporaries are runlock.py's and files.py's concern.
 
-Contents. A checkpoint is one ``torch.save`` dict with the keys ``model``, ``optimizer``,
-``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``step`` (optimizer steps
-completed), ``epoch_step`` (steps completed within ``epoch``; the data order's position),
-``rng`` (each rank's torch RNG state), ``rank_buffers`` (each rank's batch-norm running
-statistics, which differ between the epoch-end averagings), ``world_size``, ``args`` and
-``version``. Only plain types and tensors go in, so it loads with
-``torch.load(weights_only=True)``.
+Contents: ``state.TrainState.state_dict`` defines them (and ``state.VERSION``).
 
 Manifest. ``checkpoints.json`` holds ``files``, the names in the order written (the last
 is the newest), and ``entries``, per name: ``sha256`` and ``size`` of the bytes written,
@@ -70,9 +64,9 @@ import torch
 
 from .config import Config, UsageError
 from .files import atomic_write
+from .state import VERSION
 
 MANIFEST = "checkpoints.json"
-VERSION = 1  # of the state dict; the manifest's own format is MANIFEST_FORMAT
 MANIFEST_FORMAT = 2  # 1 (no field): files only; 2: entries with sha256, size, finite
 # Flags that define what a run is: resuming with any of them changed would continue a
 # different experiment from this one's weights, so it is refused.
@@ -307,6 +301,9 @@ def _load(path: Path, record: dict | None) -> dict:
     missing = {"model", "optimizer", "epoch", "step", "args"} - set(state)
     if missing:
         raise CheckpointError(f"{path} is not a largebatch checkpoint (missing {', '.join(sorted(missing))})")
+    if state.get("version", 1) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer largebatch (checkpoint version {state['version']}, "
+                              f"this one reads up to {VERSION}); upgrade to resume it")
     return state
 
 

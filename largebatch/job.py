@@ -19,12 +19,14 @@ import schedulers
 
 from . import checkpoint
 from .config import Config, UsageError
+from .files import atomic_write, clean_stale_temps
 from .engines import Engine, choose, init_engine, launcher_rank
 from .logs import Board, Console
 from .model import build_model
 from .parallel import build_classifier
 from .precision import Precision
 from .profiling import StepProfiler
+from .runlock import RunLock
 from .state import Position, TrainState
 from .stop import StopRequest
 from .train import Hooks, train
@@ -37,7 +39,7 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
     engine = start_engine(cfg)
     device = pick_device(cfg, engine)
-    prepare_run_dir(cfg.output.log_dir, engine)
+    lock = prepare_run_dir(cfg.output.log_dir, engine)  # noqa: F841 (held for the run's lifetime)
     data = build_input(cfg, entry, engine, device)
     console = Console(engine.is_main, cfg.output.progress)
     console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(engine.size)},
@@ -97,15 +99,23 @@ def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: 
 
 
 def saver(cfg: Config, board: Board):
-    """The loop's save hook: every rank contributes to the checkpoint, rank 0 writes it."""
+    """The loop's save hook: every rank contributes to the checkpoint, rank 0 writes it, and
+    every rank learns whether that worked (a failed write stops them all, with one line)."""
     store = checkpoints(cfg)
 
     def save(state: TrainState, epoch_end: bool) -> None:
-        checkpoint_dict = state.state_dict()
+        checkpoint_dict, problem = state.state_dict(), ""
         if checkpoint_dict is not None:
-            path = store.save(checkpoint_dict, epoch_end)
-            write_status(cfg.output.log_dir, "running", state.position, path)
-            board.flush()
+            try:
+                path = store.save(checkpoint_dict, epoch_end)
+                write_status(cfg.output.log_dir, "running", state.position, path)
+                board.flush()
+            except OSError as e:
+                problem = str(e) if isinstance(e, checkpoint.CheckpointWriteError) else \
+                    f"cannot write to {cfg.output.log_dir}: {e.strerror or e}"
+        problem = state.engine.broadcast_object(problem, name="save_check")
+        if problem:
+            raise checkpoint.CheckpointWriteError(None, problem)
 
     return save
 
@@ -167,20 +177,28 @@ def configure_determinism(deterministic: bool, seed: int) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def prepare_run_dir(log_dir: Path, engine: Engine) -> None:
-    """Create the run directory and prove it writable, on rank 0, and tell every rank."""
-    problem = ""
+def prepare_run_dir(log_dir: Path, engine: Engine) -> RunLock | None:
+    """On rank 0: create the run directory, prove it writable, hold it for this run (a lock
+    a second run is refused by) and remove temporary files of killed writers. Every rank
+    learns of a problem. Returns rank 0's lock (None elsewhere), held until the process ends."""
+    problem, lock = "", None
     if engine.is_main:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             probe = log_dir / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
+            lock = RunLock(log_dir).acquire()
+            for stale in clean_stale_temps(log_dir):
+                print(f"removed {stale.name}, left by a killed writer", flush=True)
         except OSError as e:
             problem = f"--log-dir {log_dir} is not writable ({e.strerror or e})"
+        except UsageError as e:
+            problem = str(e)
     problem = engine.broadcast_object(problem, name="run_dir_check")
     if problem:
         raise UsageError(problem)
+    return lock
 
 
 def build_input(cfg: Config, entry: str, engine: Engine, device: torch.device):
@@ -244,10 +262,14 @@ def find_checkpoint(cfg: Config) -> dict | None:
             raise UsageError(f"--log-dir {cfg.output.log_dir} already holds checkpoints ({store.latest().name}); "
                              f"use --resume auto to continue that run, or a new --log-dir")
         return None
-    path = store.latest() if cfg.output.resume == "auto" else Path(cfg.output.resume)
-    if path is None:
-        return None
-    state = checkpoint.load(path)
+    if cfg.output.resume == "auto":
+        found = store.load_newest()  # skips damaged files, one warning each
+        if found is None:
+            return None
+        path, state = found
+    else:
+        path = Path(cfg.output.resume)
+        state = checkpoint.load(path)
     checkpoint.check_same_run(state, cfg, path)
     print(f"resuming from {path} (epoch {state['epoch']}, step {state['step']})", flush=True)
     return state
@@ -256,6 +278,4 @@ def find_checkpoint(cfg: Config) -> dict | None:
 def write_status(log_dir: Path, state: str, pos: Position, latest: Path | None) -> None:
     """status.json tells job scripts whether to requeue: 'finished' ends a chain."""
     status = {"state": state, "epoch": pos.epoch, "step": pos.step, "checkpoint": str(latest) if latest else None}
-    tmp = log_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps(status) + "\n")
-    os.replace(tmp, log_dir / "status.json")
+    atomic_write(log_dir / "status.json", lambda f: f.write((json.dumps(status) + "\n").encode()))
