@@ -48,7 +48,7 @@ def collect(data: DaliInput, split: str, epoch: int = 0, start: int = 0) -> list
     return items
 
 
-def check_format(dist: Dist, records: Path, images: Path, fmt: str) -> None:
+def check_format(dist, records: Path, images: Path, fmt: str) -> None:
     root = records if fmt == "tfrecord" else images
     cfg = parse_config(["--data-dir", str(root), "--data-format", fmt, "--dali-device", "cpu", "--dali-threads", "1",
                         "--image-size", "16", "--val-resize", "16", "--batch-size", str(BATCH),
