@@ -10,17 +10,26 @@ copied on its own into other code bases.
   Training BERT in 76 minutes", arXiv:1904.00962.
 
 Both optimizers compute their per-tensor trust ratios on the device with
-``torch._foreach_*`` kernels and ``torch.where``; nothing in ``step()`` reads
-a tensor value back to the host, so a step never stalls the CUDA stream. The
-ratios of the latest step stay on the device in ``last_trust_ratios`` for
-callers that want to log them (reading them *is* a sync, so do it only when
-logging).
+``torch._foreach_*`` kernels and ``torch.where``. On an accelerator the
+elementwise updates are ``torch._foreach_*`` kernels too and nothing in
+``step()`` reads a tensor value back to the host, so a step never stalls the
+CUDA stream. The ratios of the latest step stay on the device in
+``last_trust_ratios`` for callers that want to log them (reading them *is* a
+sync, so do it only when logging).
+
+On the CPU the same arithmetic runs as a loop over tensors instead (see
+:meth:`_LayerwiseOptimizer._uses_foreach`). A host read costs nothing there,
+and the ``_foreach`` path is slow: it materialises a temporary for every
+tensor of a group at once, as much memory as the parameters, which glibc
+tends to hand back to the OS when it is freed, so that every step faults it
+back in page by page -- that costs more than the arithmetic. The loop updates
+in place and touches each tensor while it is still in cache.
 
 :func:`create_optimizer_lars` and :func:`create_optimizer_lamb` build the
 optimizers with the usual large-batch convention of exempting normalisation
 and bias parameters from weight decay and from the trust ratio.
 """
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim.optimizer import required
@@ -66,14 +75,46 @@ def _concat_or_none(ratios: List[torch.Tensor]) -> Optional[torch.Tensor]:
     return torch.cat(ratios) if ratios else None
 
 
+def _scales(lr: float, trust: Optional[torch.Tensor], count: int) -> List[float]:
+    """``lr * trust`` per tensor as Python floats, for the per-tensor (CPU) loops.
+
+    Reading the ratios back is free on the CPU, and a Python scalar can ride
+    along in an in-place kernel's ``alpha`` instead of costing a pass over the
+    tensor of its own.
+    """
+    if trust is None:
+        return [lr] * count
+    return (lr * trust).tolist()
+
+
 class _LayerwiseOptimizer(torch.optim.Optimizer):
     """What LARS and LAMB share: the step over param groups, and the last trust ratios
     kept on the device for logging. Subclasses implement ``_update_group``."""
+
+    # Which implementation of the elementwise updates step() runs: None picks
+    # by device (see _uses_foreach); True or False forces the foreach or the
+    # per-tensor one, which lets the tests run the accelerator's code path on
+    # CPU tensors and compare the two.
+    _foreach: Optional[bool] = None
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
         self.last_trust_ratios: Optional[torch.Tensor] = None
         self.norms_across_shards: Optional[Callable] = None
+
+    def _uses_foreach(self, params: List[torch.Tensor]) -> bool:
+        """Whether to update ``params`` with ``torch._foreach_*`` kernels (on an
+        accelerator, no host sync) rather than a per-tensor loop (on the CPU).
+
+        On a GPU the foreach kernels launch a handful of kernels for all tensors
+        together and keep every scalar on the device; a per-tensor loop there
+        would launch several kernels per tensor and read each trust ratio back,
+        stalling the stream. On the CPU neither cost exists, and the loop avoids
+        the foreach path's temporaries (see the module docstring).
+        """
+        if self._foreach is not None:
+            return self._foreach
+        return not all(p.device.type == "cpu" for p in params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -213,49 +254,83 @@ class LARS(_LayerwiseOptimizer):
 
     def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
         """Update one group's params in place; returns its trust ratios (None if not adapted)."""
-        lr = group["lr"]
-        momentum = group["momentum"]
-        weight_decay = group["weight_decay"]
+        trust = None
+        if group["lars_adaptation"]:
+            trust = _trust_ratios(
+                _norms(self, params, params),
+                _norms(self, params, grads),
+                numerator_scale=group["eta"],
+                d_w_scale=group["weight_decay"],
+                epsilon=group["epsilon"],
+                trust_clip=group["trust_clip"],
+            )
+        bufs = self._momentum_buffers(params) if group["momentum"] != 0 else None
+        if self._uses_foreach(params):
+            self._apply_foreach(group, params, grads, bufs, trust)
+        else:
+            scales = _scales(group["lr"], trust, len(params))
+            self._apply_per_tensor(group, params, grads, bufs, scales)
+        return trust
 
+    def _momentum_buffers(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                # The TF reference starts its accumulator at zero.
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        return bufs
+
+    @staticmethod
+    def _apply_foreach(group, params, grads, bufs, trust):
+        """The update with foreach kernels and the trust ratios as device tensors."""
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         # New tensors rather than in-place on p.grad: callers (gradient
         # clipping, logging, Horovod's allreduce buffers) may still use it.
         if weight_decay != 0:
             updates = torch._foreach_add(grads, params, alpha=weight_decay)
         else:
             updates = [g.clone() for g in grads]
-
-        if group["lars_adaptation"]:
-            trust = _trust_ratios(
-                _norms(self, params, params),
-                _norms(self, params, grads),
-                numerator_scale=group["eta"],
-                d_w_scale=weight_decay,
-                epsilon=group["epsilon"],
-                trust_clip=group["trust_clip"],
-            )
+        if trust is not None:
             torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
         else:
             torch._foreach_mul_(updates, lr)
 
-        if momentum != 0:
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    # The TF reference starts its accumulator at zero.
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                bufs.append(state["momentum_buffer"])
+        if bufs is not None:
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, updates)
             if group["nesterov"]:
                 torch._foreach_add_(updates, bufs, alpha=momentum)
             else:
                 updates = bufs
-
         torch._foreach_sub_(params, updates)
-        return trust if group["lars_adaptation"] else None
+
+    @staticmethod
+    def _apply_per_tensor(group, params, grads, bufs, scales):
+        r"""The same update, one tensor at a time, with ``scales[i] = lr * trust_i``
+        as Python floats.
+
+        The scaled update :math:`s (g + \beta w)` is never materialised: each
+        of its two terms goes into the buffer (or the weights) through
+        ``alpha``, so a step allocates nothing and leaves p.grad untouched.
+        """
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        nesterov = group["nesterov"]
+        for p, g, buf, scale in zip(params, grads, bufs or [None] * len(params), scales):
+            if buf is not None:
+                buf.mul_(momentum).add_(g, alpha=scale)
+                if weight_decay != 0:
+                    buf.add_(p, alpha=scale * weight_decay)
+            if buf is not None and not nesterov:
+                p.sub_(buf)
+            else:
+                # w - s (g + beta w) = (1 - s beta) w - s g; Nesterov also subtracts mu v.
+                if weight_decay != 0:
+                    p.mul_(1 - scale * weight_decay)
+                p.add_(g, alpha=-scale)
+                if buf is not None:
+                    p.sub_(buf, alpha=momentum)
 
 
 class LAMB(_LayerwiseOptimizer):
@@ -288,6 +363,16 @@ class LAMB(_LayerwiseOptimizer):
     ``state[p]['step']``: a per-parameter count keeps the bias correction
     right for parameters that receive their first gradient late, and being a
     Python number it is never read back from the device.
+
+    On the CPU, :math:`u` is computed into a buffer per parameter that is kept
+    from step to step (outside ``state``, so not in checkpoints): every
+    :math:`u` of a group has to exist at once, because the trust ratios need
+    the norms of all of them first (``norms_across_shards`` combines them
+    across processes), and allocating that much afresh every step costs more
+    than the whole update (see the module docstring). Compared with the
+    foreach path, which allocates :math:`u` and the denominators anew every
+    step, that holds one copy of the parameters more between steps and one
+    less at the peak.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -338,6 +423,7 @@ class LAMB(_LayerwiseOptimizer):
             lars_adaptation=lars_adaptation,
         )
         super().__init__(params, defaults)
+        self._update_buffers: Dict[torch.Tensor, torch.Tensor] = {}
 
     def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
         """Update one group's params in place; returns its trust ratios (None if not adapted)."""
@@ -358,23 +444,18 @@ class LAMB(_LayerwiseOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
 
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-
         # Bias corrections are Python floats (from Python int steps), so
-        # they enter the foreach kernels as scalars, not device reads.
+        # they enter the kernels as scalars, not device reads.
         bias_correction1 = [1 - beta1**t for t in steps]
         bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_div_(updates, bias_correction1)
-        if group["weight_decay"] != 0:
-            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+        foreach = self._uses_foreach(params)
+        compute_updates = self._updates_foreach if foreach else self._updates_per_tensor
+        updates = compute_updates(
+            group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt
+        )
 
         lr = group["lr"]
+        trust = None
         if group["lars_adaptation"]:
             trust = _trust_ratios(
                 _norms(self, params, params),
@@ -384,12 +465,61 @@ class LAMB(_LayerwiseOptimizer):
                 epsilon=0.0,
                 trust_clip=group["trust_clip"],
             )
-            torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
+        if foreach:
+            if trust is not None:
+                torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
+            else:
+                torch._foreach_mul_(updates, lr)
+            torch._foreach_sub_(params, updates)
         else:
-            torch._foreach_mul_(updates, lr)
+            for p, u, scale in zip(params, updates, _scales(lr, trust, len(params))):
+                p.sub_(u, alpha=scale)
+        return trust
 
-        torch._foreach_sub_(params, updates)
-        return trust if group["lars_adaptation"] else None
+    @staticmethod
+    def _updates_foreach(group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1,
+                         bias_correction2_sqrt):
+        """Moments and :math:`u` with foreach kernels; :math:`u` in new tensors."""
+        beta1, beta2 = group["betas"]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(updates, bias_correction1)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+        return updates
+
+    def _updates_per_tensor(self, group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1,
+                            bias_correction2_sqrt):
+        r"""Moments and :math:`u`, one tensor at a time, into the kept update buffers.
+
+        :math:`\hat m / (\sqrt{\hat v} + \epsilon)` is computed as
+        :math:`m / (c_1 \sqrt{v} / c_2 + c_1 \epsilon)` with the bias
+        corrections :math:`c_1 = 1 - \beta_1^t` and :math:`c_2 = \sqrt{1 - \beta_2^t}`
+        folded into the denominator, which saves a pass over :math:`u`.
+        """
+        beta1, beta2 = group["betas"]
+        eps, weight_decay = group["eps"], group["weight_decay"]
+        updates = []
+        for p, g, m, v, c1, c2 in zip(params, grads, exp_avgs, exp_avg_sqs, bias_correction1,
+                                      bias_correction2_sqrt):
+            u = self._update_buffers.get(p)
+            if u is None:
+                u = torch.empty_like(p, memory_format=torch.preserve_format)
+                self._update_buffers[p] = u
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            torch.sqrt(v, out=u).mul_(c1 / c2).add_(c1 * eps)
+            torch.div(m, u, out=u)
+            if weight_decay != 0:
+                u.add_(p, alpha=weight_decay)
+            updates.append(u)
+        return updates
 
 
 def _split_param_groups(

@@ -5,8 +5,9 @@
 Rows, each stepping its own copy of the model's parameters with fixed random gradients:
   SGD (foreach)        torch.optim.SGD(foreach=True), momentum 0.9, weight decay on weights
                        only: the job's --base-op sgd grouping (the baseline)
-  LARS (lars.py)       the job's LARS: per-tensor trust ratios with torch._foreach ops, on
-                       the device, no host sync
+  LARS (lars.py)       the job's LARS: trust ratios with torch._foreach ops; the update with
+                       foreach kernels and no host sync on a GPU, as a per-tensor loop of
+                       in-place kernels on the CPU
   LARS (per-tensor)    the same arithmetic as a Python loop over tensors that reads each
                        norm back to the host (``.item()``) to decide the trust ratio, as the
                        original trainer's LARS did; checked to give the same weights

@@ -429,3 +429,94 @@ def test_create_optimizer_lamb_groups():
     assert {id(p) for p in decay["params"]} == {id(model.conv.weight), id(model.fc.weight)}
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars_adaptation"] is False
     assert decay["weight_decay"] == 0.01 and decay["lars_adaptation"] is True
+
+
+# --------------------------------------------------------------------------
+# The two code paths: per-tensor loops (CPU) and foreach kernels (accelerators)
+# --------------------------------------------------------------------------
+
+
+def _lars_no_momentum_factory(model):
+    return LARS(trainable(model), lr=0.1, momentum=0.0, weight_decay=1e-3, eta=0.05,
+                trust_clip=0.02)
+
+
+def _lars_nesterov_factory(model):
+    opt = _lars_factory(model)
+    for group in opt.param_groups:
+        group["nesterov"] = True
+    return opt
+
+
+def _lamb_clipped_factory(model):
+    return create_optimizer_lamb(model, lr=0.01, weight_decay=1e-2, bn_bias_separately=True,
+                                 trust_clip=0.5)
+
+
+@pytest.mark.parametrize("factory", [
+    _lars_factory, _lars_nesterov_factory, _lars_no_momentum_factory, _lamb_factory,
+    _lamb_clipped_factory,
+], ids=["lars", "lars-nesterov", "lars-no-momentum", "lamb", "lamb-clipped"])
+def test_per_tensor_path_matches_foreach_path_step_for_step(factory):
+    # Both run here on CPU tensors: the foreach path is the one accelerators
+    # take, so this keeps it tested on a machine without one. The per-tensor
+    # path fuses scalings into fewer kernels, so the two agree up to rounding.
+    models = {path: make_model() for path in (False, True)}
+    opts = {path: factory(model) for path, model in models.items()}
+    for path, opt in opts.items():
+        opt._foreach = path
+    for step in range(6):
+        for path, opt in opts.items():
+            set_grads(trainable(models[path]), step)
+            for group in opt.param_groups:
+                group["lr"] *= 0.7 if step % 2 else 1.3
+            opt.step()
+        per_tensor, foreach = opts[False], opts[True]
+        for p, q in zip(trainable(models[False]), trainable(models[True])):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+            for key, value in per_tensor.state[p].items():
+                torch.testing.assert_close(value, foreach.state[q][key], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(per_tensor.last_trust_ratios, foreach.last_trust_ratios,
+                                   rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("optimizer", [LARS, LAMB])
+def test_code_path_follows_device(optimizer):
+    opt = optimizer([nn.Parameter(torch.ones(2))], lr=0.1)
+    assert not opt._uses_foreach([torch.ones(2)])
+    assert opt._uses_foreach([torch.ones(2, device="meta")])
+    assert opt._uses_foreach([torch.ones(2), torch.ones(2, device="meta")])
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("optimizer", [LARS, LAMB])
+def test_norms_across_shards_decide_the_trust_ratio(optimizer, foreach):
+    # The hook is called with the weight norms first, then with the update
+    # norms (LARS: the gradient's), and what it returns is what the ratio uses.
+    lr, wd, eta, eps = 0.1, 0.01, 0.02, 1e-3
+    calls = []
+
+    def hook(params, norms):
+        calls.append((list(params), [n.item() for n in norms]))
+        return [torch.full_like(n, 3.0 if len(calls) % 2 else 2.0) for n in norms]
+
+    w = nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.float64))
+    g = torch.linspace(0.5, -0.2, 6, dtype=torch.float64)
+    w0 = w.detach().clone()
+    if optimizer is LARS:
+        opt = LARS([w], lr=lr, momentum=0.0, weight_decay=wd, eta=eta, epsilon=eps)
+        trust = eta * 3.0 / (2.0 + wd * 3.0 + eps)
+        update = g + wd * w0
+    else:
+        opt = LAMB([w], lr=lr, weight_decay=wd, eps=eps)
+        trust = 3.0 / 2.0
+        update = g / (g.abs() + eps) + wd * w0  # the first step's m_hat / (sqrt(v_hat) + eps)
+    opt._foreach = foreach
+    opt.norms_across_shards = hook
+    w.grad = g.clone()
+    opt.step()
+
+    assert [params for params, _ in calls] == [[w], [w]]
+    assert calls[0][1] == pytest.approx([w0.norm().item()])
+    torch.testing.assert_close(opt.last_trust_ratios, torch.tensor([trust], dtype=torch.float64))
+    torch.testing.assert_close(w.detach(), w0 - lr * trust * update)
