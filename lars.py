@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch.optim.optimizer import required
 
-__all__ = ["LARS", "LAMB", "create_optimizer_lars", "create_optimizer_lamb"]
+__all__ = ["LARS", "LAMB", "create_optimizer_lars", "create_optimizer_lamb", "param_groups"]
 
 
 def _trust_ratios(
@@ -522,7 +522,7 @@ class LAMB(_LayerwiseOptimizer):
         return updates
 
 
-def _split_param_groups(
+def param_groups(
     model: torch.nn.Module, weight_decay: float, bn_bias_separately: bool
 ) -> List[dict]:
     """Param groups with normalisation weights and biases optionally split off.
@@ -563,7 +563,7 @@ def create_optimizer_lars(
     param group (after the weights) with ``weight_decay=0`` and
     ``lars_adaptation=False``; empty groups are left out.
     """
-    groups = _split_param_groups(model, weight_decay, bn_bias_separately)
+    groups = param_groups(model, weight_decay, bn_bias_separately)
     return LARS(
         groups,
         lr=lr,
@@ -588,7 +588,7 @@ def create_optimizer_lamb(
 
     Grouping as in :func:`create_optimizer_lars`.
     """
-    groups = _split_param_groups(model, weight_decay, bn_bias_separately)
+    groups = param_groups(model, weight_decay, bn_bias_separately)
     return LAMB(
         groups,
         lr=lr,

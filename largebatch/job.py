@@ -230,12 +230,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opt
     if cfg.optim.base_op == "lamb":
         return lars.create_optimizer_lamb(model, lr=lr, weight_decay=cfg.optim.wd, bn_bias_separately=cfg.optim.bn_bias_separately,
                                           epsilon=cfg.optim.epsilon, trust_clip=cfg.optim.trust_clip)
-    if cfg.optim.bn_bias_separately:
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": list(model.parameters())}]
+    groups = lars.param_groups(model, cfg.optim.wd, cfg.optim.bn_bias_separately)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd)
 
 
