@@ -3,6 +3,7 @@ line, scripts carry exactly what was asked for, and every template and rendering
 shellcheck. (The scripts run for real in tests/e2e/test_slurm.py and test_pbs.py.)"""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -61,7 +62,7 @@ def test_impossible_requests_are_refused_in_one_line(tmp_path, monkeypatch, caps
 
 def test_the_command_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "largebatch.jobs", "submit", *SLURM, "--nodes", "0", "--", *TRAIN],
-                          capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PATH=""))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "python -m largebatch.jobs: error: --nodes must be at least 1, got 0\n"
 
