@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--venv", default=sys.prefix, help="the Python environment the job activates")
         c.add_argument("--entry", choices=["folder", "dali"], default="folder",
                        help="pytorch_imagenet_resnet.py (folder) or pytorch_imagenet_resnet_dali.py")
-        c.add_argument("--template", help="an adapted template (default: jobs/<scheduler>/...)")
+        c.add_argument("--template", help="an adapted template (default: largebatch/jobs/templates/<scheduler>/...)")
         c.add_argument("--script", help="where to write the script (default: <run dir>/job.sbatch|job.pbs)")
         if name == "submit":
             c.add_argument("--dry-run", action="store_true",

@@ -99,7 +99,7 @@ def test_chain_of_jobs_runs_in_order_and_continues_the_run(slurm, digits, tmp_pa
 def test_multi_node_template_with_mpirun_trains_and_checkpoints(slurm, digits, tmp_path):
     """The many-node script's mpirun launch (Open MPI reading the allocation from SLURM), on
     the one node there is: one epoch, its checkpoint, a finished status."""
-    template = ROOT / "jobs" / "slurm" / "multi-node.sbatch"
+    template = ROOT / "largebatch" / "jobs" / "templates" / "slurm" / "multi-node.sbatch"
     out = jobs_cli("submit", *RESOURCES, "--launcher", "mpirun", "--template", str(template), "--",
                    *train_args(digits, "run", 1), cwd=tmp_path, extra_env=slurm.env).stdout
     (job,) = submitted_ids(out)

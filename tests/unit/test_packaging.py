@@ -32,7 +32,7 @@ def test_the_package_imports_from_this_checkout_in_any_directory(tmp_path):
         "largebatch is not installed from this checkout: run tools/setup.sh (make setup)"
 
 
-def test_a_wheel_holds_the_package_and_the_two_modules_only(tmp_path):
+def test_a_wheel_holds_the_package_its_templates_and_the_two_modules_only(tmp_path):
     """What a non-editable install would get, built from a copy of the sources."""
     src = tmp_path / "src"
     shutil.copytree(ROOT / "largebatch", src / "largebatch", ignore=shutil.ignore_patterns("__pycache__"))
@@ -48,6 +48,9 @@ def test_a_wheel_holds_the_package_and_the_two_modules_only(tmp_path):
     assert top == {"largebatch", "lars.py", "schedulers.py"}, top
     modules = {n for n in names if n.endswith(".py")}
     assert modules == sources, f"missing from the wheel: {sorted(sources - modules)}"
+    # Package data: the job-script templates `python -m largebatch.jobs render` fills in.
+    templates = {str(p.relative_to(src)) for p in (src / "largebatch" / "jobs" / "templates").glob("*/*")}
+    assert len(templates) == 4 and templates <= set(names), f"templates missing from the wheel: {templates - set(names)}"
     metadata = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("/METADATA"))
     assert "Requires-Python: >=3.11" in metadata
 
