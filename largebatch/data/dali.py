@@ -60,7 +60,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, UsageError
+from ..argparsing import UsageError
+from ..config import Config
 from .folder import IMAGENET_MEAN, IMAGENET_STD
 from .sampler import TrainShard, ValShard, sample_seed
 from .tfrecord import DATASET_JSON, ENCODED, LABEL, DataError, index_matches, read_index, record_files

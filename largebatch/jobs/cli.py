@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import UsageError
+from ..argparsing import Parser, UsageError
 from .render import write
 from .request import build_request
 from .submit import SubmitError, submit
@@ -18,15 +18,10 @@ from .submit import SubmitError, submit
 PROG = "python -m largebatch.jobs"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Render and submit SLURM/PBS job scripts for the training job.",
+    p = Parser(prog=PROG, description="Render and submit SLURM/PBS job scripts for the training job.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, text in (("render", "write the job script into the run directory"),
                        ("submit", "render, then submit with sbatch/qsub")):
         c = commands.add_parser(name, help=text, description=text,

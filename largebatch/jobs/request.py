@@ -11,7 +11,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import UsageError, parse_config
+from ..argparsing import UsageError
+from ..config import parse_config
 
 # The templates are package data; the entry scripts the jobs run are the checkout's, which
 # tools/setup.sh installs editable.
