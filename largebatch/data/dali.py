@@ -63,7 +63,7 @@ import torch
 from ..argparsing import UsageError
 from ..config import Config
 from .folder import IMAGENET_MEAN, IMAGENET_STD
-from .sampler import TrainShard, ValShard, sample_seed
+from .sampler import TrainShard, ValShard, mix, sample_seed
 from .tfrecord import DATASET_JSON, ENCODED, LABEL, DataError, index_matches, read_index, record_files
 
 
@@ -162,7 +162,7 @@ class TFRecordSource:
     def train_plan(self, cfg: Config, rank: int, size: int, epoch: int, start_batch: int, batches: int) -> ReadPlan:
         files = self.files["train"]
         # The same file order on every rank (DALI's shards are ranges of it), new each epoch.
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(mix(cfg.seed, epoch)))
         files = [files[i] for i in order.tolist()]
         seed = sample_seed(cfg.seed, epoch, rank) % 2**31
         reader = dict(path=[f for f, _, _ in files], index_path=[i for _, i, _ in files], shard_id=rank,

@@ -16,17 +16,28 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
-_MIX = 1_000_003
+_MIX = 1_000_003  # changing it changes the data order and augmentation of every run, resumed ones too
+
+
+def mix(seed: int, *parts: int) -> int:
+    """One seed from --seed and further numbers: mix(seed, epoch) orders an epoch's data,
+    mix(seed, rank) a rank's synthetic tensors. The one place they are combined, so every
+    random choice follows from --seed alone, the same in every module."""
+    for part in parts:
+        seed = seed * _MIX + part
+    return seed
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * _MIX + epoch) * _MIX + index) % (2**63)
+    """A sample's augmentation seed: a function of (seed, epoch, index) only, whichever
+    rank or loader process reads it."""
+    return mix(seed, epoch, index) % (2**63)
 
 
 class TrainShard(Sampler):
     def __init__(self, num_samples: int, rank: int, size: int, seed: int, epoch: int, start: int = 0):
         self.per_rank = num_samples // size
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * _MIX + epoch))
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(mix(seed, epoch)))
         self.indices = order[rank * self.per_rank:(rank + 1) * self.per_rank][start:].tolist()
         self.seed, self.epoch = seed, epoch
 

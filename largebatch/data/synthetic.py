@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from .sampler import mix
 
 
 class SyntheticInput:
@@ -13,7 +14,7 @@ class SyntheticInput:
         self.num_classes = cfg.num_classes or 1000
         self.batches_per_epoch = cfg.synthetic_size // size // cfg.batch_size
         self.val_batches = max(1, cfg.synthetic_size // 4 // size // cfg.val_batch_size)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+        g = torch.Generator().manual_seed(mix(cfg.seed, rank))
         # A small pool, reused: generating fresh tensors every step would time the RNG.
         shape = (4, cfg.batch_size, 3, cfg.image_size, cfg.image_size)
         self.images = torch.randn(shape, generator=g).to(device)
