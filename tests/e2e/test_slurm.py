@@ -14,6 +14,9 @@ from jobrun import (check_continued_run, jobs_cli, resumed_at, status, steps_per
 from largebatch.events import read_scalars
 from slurm_cluster import SlurmCluster, missing
 
+# A real SLURM cluster; its jobs start their ranks with mpirun or srun.
+pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+
 EPOCHS = 3
 # Two ranks, no GPU: the test node has 2 CPUs and nothing else.
 RESOURCES = ["--scheduler", "slurm", "--gpus-per-node", "0", "--ranks-per-node", "2", "--cpus-per-rank", "1",
