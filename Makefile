@@ -1,4 +1,4 @@
-# largebatch: `make demo` and `make test` set everything up first (tools/setup.sh is idempotent).
+# largebatch: `make demo`, `make test` and `make test-unit` set everything up first (tools/setup.sh is idempotent).
 PY      := .venv/bin/python
 MPIRUN  := .venv/bin/mpirun
 NP      ?= 2
@@ -9,7 +9,7 @@ DATA    := data/digits
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup demo test bench convergence clean
+.PHONY: setup demo test test-unit bench convergence clean
 
 setup:
 	@bash tools/setup.sh
@@ -25,6 +25,11 @@ demo: setup $(DATA)/train
 
 test: setup
 	$(PY) -m pytest tests -q -ra
+
+# The in-process tier: no mpirun, SLURM, DALI or GPU (markers in pyproject.toml); under two
+# minutes on 2 cores. `make test` runs these and everything else.
+test-unit: setup
+	$(PY) -m pytest tests/unit -q -ra -m "not mpi and not slurm and not dali and not gpu"
 
 # Ratios against baselines measured in the same run: bench/results/*.json, tables printed and
 # collected in bench/results/benchmarks.md (docs/benchmarks.md). The GPU part skips without one.

@@ -33,15 +33,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from largebatch.events import read_scalars_timed
+
+# Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
+# sys.path, so they import as top-level modules; largebatch and lars come from the install.
+from bench_train import launch
+from machine import describe, load
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import torch  # noqa: E402
-
-from bench_train import launch  # noqa: E402
-from largebatch.events import read_scalars_timed  # noqa: E402
-from machine import describe, load  # noqa: E402
 
 GFLOP_PER_IMAGE = 24.6  # forward + backward of ResNet-50 at 224 px
 ANCHORS = [("NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5, 1x A100 80GB, AMP", 2470),

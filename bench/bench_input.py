@@ -26,16 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from largebatch.config import parse_config
+from largebatch.data.dali import DaliInput
+from largebatch.data.folder import FolderInput
+from largebatch.data.tfrecord import convert
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from largebatch.config import parse_config  # noqa: E402
-from largebatch.data.dali import DaliInput  # noqa: E402
-from largebatch.data.folder import FolderInput  # noqa: E402
-from largebatch.data.tfrecord import convert  # noqa: E402
 
 BATCH = 64
 

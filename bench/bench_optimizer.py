@@ -29,15 +29,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torchvision
+
+import lars
+
+# Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
+# sys.path, so they import as top-level modules; largebatch and lars come from the install.
+from machine import describe, load
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-
-import lars  # noqa: E402
-from machine import describe, load  # noqa: E402
 
 LR, MOMENTUM, WD, EPS, ETA = 0.1, 0.9, 5e-5, 1e-5, 0.001
 

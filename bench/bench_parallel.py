@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
 MIB = 2**20
@@ -134,11 +133,11 @@ def run_config(args, layout: str, classes: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--layout", layout, "--classes", str(classes),
            "--features", str(args.features), "--batch", str(args.batch), "--steps", str(steps),
            "--threads", str(threads)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     if np > 1:
         mpirun = str(Path(sys.executable).with_name("mpirun"))
-        cmd = [mpirun, "-np", str(np), "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", *cmd]
+        cmd = [mpirun, "-np", str(np), "--oversubscribe", "-x", "OMP_NUM_THREADS", *cmd]
     row = {"classes": classes, "layout": layout, "processes": np, "threads_per_process": threads, "timed_steps": steps}
     need, have = estimate_bytes(classes, args.features, args.batch, np), mem_available()
     if need > 0.96 * have:

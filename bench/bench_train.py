@@ -31,19 +31,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from largebatch.events import read_scalars_timed
 
-from largebatch.events import read_scalars_timed  # noqa: E402
-from machine import describe, load  # noqa: E402
+# Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
+# sys.path, so they import as top-level modules; largebatch and lars come from the install.
+from machine import describe, load
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PRINT_FREQ = 10      # the job's default --print-freq
 CHECKPOINT_EVERY = 20  # with the default steps, one checkpoint (at step 20) inside the measured window
 
 
 def environment(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -54,7 +55,7 @@ def launch(np: int, script: Path, args: list, threads: int) -> str:
     # with more busy threads than cores (this benchmark's 2-core machine at -np 2) spinning
     # halves the throughput of both subjects
     cmd = [str(Path(sys.executable).with_name("mpirun")), "-np", str(np), "--oversubscribe",
-           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED",
+           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED",
            sys.executable, str(script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(threads), cwd=ROOT, timeout=900)
     if proc.returncode != 0:

@@ -40,12 +40,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from largebatch import report
 
-from largebatch import report  # noqa: E402
-from machine import describe  # noqa: E402
+# Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
+# sys.path, so they import as top-level modules; largebatch and lars come from the install.
+from machine import describe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL, LARGE = 16, 256
 EPOCHS = 12
@@ -91,12 +92,12 @@ def job_args(conf: dict, data: Path, run_dir: Path, seed: int, epochs: int, np: 
 
 def run_job(args: list, np: int, threads: int, log: Path) -> float:
     """One training run from scratch; returns its wall time. Output goes to ``log``."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     python = sys.executable
     script = [python, str(ROOT / "pytorch_imagenet_resnet.py"), *map(str, args)]
     cmd = script if np == 1 else [str(Path(python).with_name("mpirun")), "-np", str(np), "--oversubscribe",
-                                  "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", *script]
+                                  "-x", "OMP_NUM_THREADS", *script]
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -22,6 +22,9 @@ import horovod.torch as hvd
 import torch
 import torchvision
 
+# Only the seed mixer, so that the synthetic tensors are the job's, number for number.
+from largebatch.data.sampler import mix
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,7 +53,7 @@ def main() -> None:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     criterion = torch.nn.CrossEntropyLoss()
 
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + hvd.rank())
+    g = torch.Generator().manual_seed(mix(args.seed, hvd.rank()))
     shape = (4, args.batch_size, 3, args.image_size, args.image_size)
     images = torch.randn(shape, generator=g).to(device)
     labels = torch.randint(0, args.num_classes, shape[:2], generator=g).to(device)

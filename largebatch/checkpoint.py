@@ -62,7 +62,8 @@ from typing import Callable
 
 import torch
 
-from .config import Config, UsageError
+from .argparsing import UsageError
+from .config import Config
 from .files import atomic_write
 from .state import VERSION
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from .config import UsageError, parse_config
+from .argparsing import UsageError
+from .config import parse_config
 from .stop import StopRequest
 
 

@@ -12,9 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2."""
+from .argparsing import Parser, UsageError
 
 
 @dataclass(frozen=True)
@@ -191,16 +189,8 @@ def _epochs_list(text: str) -> tuple[float, ...]:
     return values
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting, so every entry point
-    reports bad flags the same way (one line, exit 2)."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def build_parser(entry: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"pytorch_imagenet_resnet{'_dali' if entry == 'dali' else ''}.py",
+    p = Parser(prog=f"pytorch_imagenet_resnet{'_dali' if entry == 'dali' else ''}.py",
                 description="Large-batch data-parallel ImageNet training with Horovod or torch.distributed.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction

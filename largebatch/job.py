@@ -18,7 +18,8 @@ import lars
 import schedulers
 
 from . import checkpoint
-from .config import Config, UsageError
+from .argparsing import UsageError
+from .config import Config
 from .files import atomic_write, clean_stale_temps
 from .engines import Engine, choose, init_engine, launcher_rank
 from .logs import Board, Console

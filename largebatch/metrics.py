@@ -41,6 +41,6 @@ class Meter:
         total = dist.allreduce_sum(self.sums.cpu(), name=name) if dist is not None else self.sums.cpu()
         loss, top1, top5, n, nonfinite = total.tolist()
         self.sums.zero_()
-        n = max(n, 1.0)
-        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n),
+        d = max(n, 1.0)  # an empty interval reports zeros (and a count of 0), not a division by zero
+        return {"loss": loss / d, "top1": 100 * top1 / d, "top5": 100 * top5 / d, "count": int(n),
                 "nonfinite_steps": int(nonfinite)}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UsageError
+from .argparsing import Parser, UsageError
 from .events import histogram_tags, read_scalars, wall_time_spans
 
 
@@ -256,10 +256,6 @@ def write_report(runs: list[Run], out: Path, x: str | None = None) -> tuple[list
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise UsageError(message)
-
     p = Parser(prog="python -m largebatch.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a run's --log-dir")
     p.add_argument("--out", type=Path, default=None,

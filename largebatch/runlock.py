@@ -39,7 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from .config import UsageError
+from .argparsing import UsageError
 from .files import host
 
 LOCK_NAME = ".lock"

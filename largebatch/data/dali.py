@@ -60,7 +60,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, UsageError
+from ..argparsing import UsageError
+from ..config import Config
 from .checks import batches_per_epoch, same_classes
 from .folder import IMAGENET_MEAN, IMAGENET_STD
 from .sampler import TrainShard, ValShard, mix, sample_seed

@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from ..config import Config, UsageError
+from ..argparsing import UsageError
+from ..config import Config
 from .checks import batches_per_epoch, same_classes
 from .prefetch import CudaPrefetcher
 from .sampler import TrainShard, ValShard

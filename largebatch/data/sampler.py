@@ -16,16 +16,22 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
-_MIX = 1_000_003
+_MIX = 1_000_003  # changing it changes the data order and augmentation of every run, resumed ones too
 
 
-def mix(seed: int, k: int) -> int:
-    """A seed for stream ``k`` (an epoch, a rank) of the run seeded with ``seed``."""
-    return seed * _MIX + k
+def mix(seed: int, *parts: int) -> int:
+    """One seed from --seed and further numbers: mix(seed, epoch) orders an epoch's data,
+    mix(seed, rank) a rank's synthetic tensors. The one place they are combined, so every
+    random choice follows from --seed alone, the same in every module."""
+    for part in parts:
+        seed = seed * _MIX + part
+    return seed
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return mix(mix(seed, epoch), index) % (2**63)
+    """A sample's augmentation seed: a function of (seed, epoch, index) only, whichever
+    rank or loader process reads it."""
+    return mix(seed, epoch, index) % (2**63)
 
 
 class TrainShard(Sampler):

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import google_crc32c
 
-from ..config import UsageError
+from ..argparsing import Parser, UsageError
 from ..files import atomic_write
 from .checks import same_classes
 
@@ -486,11 +486,6 @@ def index(root: Path, workers: int = 1) -> dict:
 
 # --- command line ------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -500,8 +495,8 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     prog = "python -m largebatch.data.tfrecord"
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     c = sub.add_parser("convert", help="ImageFolder trees SRC/train, SRC/val -> TFRecords + DALI index files in OUT")
     c.add_argument("src", type=Path)
     c.add_argument("out", type=Path)

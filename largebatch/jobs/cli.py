@@ -1,8 +1,11 @@
 """python -m largebatch.jobs render|submit [options] -- <training arguments>
+python -m largebatch.jobs start|continue RUN_DIR [options]   (run by the job scripts)
 
 render writes a ready job script into the run directory; submit renders it and submits it
 (sbatch or qsub), --chain K times in a row. A request that cannot run is refused with one
 line and exit status 2; a submission the scheduler refuses exits 1 with its message.
+start and continue are the job scripts' decisions before and after the training, from the
+run's status.json; their outputs and exit statuses are in status.py.
 """
 from __future__ import annotations
 
@@ -10,23 +13,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import UsageError
+from ..argparsing import Parser, UsageError
 from .render import write
 from .request import build_request
+from .status import FINISHED, HOW, carry_on, start
 from .submit import SubmitError, submit
 
 PROG = "python -m largebatch.jobs"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Render and submit SLURM/PBS job scripts for the training job.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Render and submit SLURM/PBS job scripts for the training job; start and "
+                           "continue are what those scripts run before and after the training.")
+    commands = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, text in (("render", "write the job script into the run directory"),
                        ("submit", "render, then submit with sbatch/qsub")):
         c = commands.add_parser(name, help=text, description=text,
@@ -55,11 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--venv", default=sys.prefix, help="the Python environment the job activates")
         c.add_argument("--entry", choices=["folder", "dali"], default="folder",
                        help="pytorch_imagenet_resnet.py (folder) or pytorch_imagenet_resnet_dali.py")
-        c.add_argument("--template", help="an adapted template (default: jobs/<scheduler>/...)")
+        c.add_argument("--template", help="an adapted template (default: largebatch/jobs/templates/<scheduler>/...)")
         c.add_argument("--script", help="where to write the script (default: <run dir>/job.sbatch|job.pbs)")
         if name == "submit":
             c.add_argument("--dry-run", action="store_true",
                            help="render, and print the submission commands instead of running them")
+    c = commands.add_parser(
+        "start", help="(in a job script) before training: print the run's step; exit 3 if it has finished",
+        description=f"Print the step RUN_DIR's status.json is at (0 before the first checkpoint) and exit 0; "
+                    f"when the run has finished, say so and exit {FINISHED}.")
+    c.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    c = commands.add_parser(
+        "continue", help="(in a job script) after training: requeue, leave it to the chain, or stop",
+        description="Carry the run on only if the training stopped in order after progress in this job: "
+                    "exit 0 when it finished or is carried on (or a SIGTERM stop is left stopped), 1 when it "
+                    "failed, made no progress, or SLURM refused to requeue.")
+    c.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    c.add_argument("--since", type=int, required=True, metavar="STEP",
+                   help="the step `start` printed before the training")
+    c.add_argument("--how", choices=HOW, required=True,
+                   help="requeue: this SLURM job again (scontrol requeue); chain: the next job of a chain; "
+                        "none: the user resubmits")
+    c.add_argument("--warned", type=int, choices=[0, 1], default=1,
+                   help="1 if the scheduler's warning signal (USR1) reached the job; with --how requeue, "
+                        "a stop by SIGTERM alone (0: cancelled, preempted) is not requeued (default: 1)")
+    c.add_argument("--job-id", help="the job to requeue (with --how requeue)")
     return p
 
 
@@ -76,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     ours, train_args = split_argv(argv)
     try:
         ns = build_parser().parse_args(ours)
+        if ns.command == "start":
+            return start(ns.run_dir.absolute())
+        if ns.command == "continue":
+            if ns.how == "requeue" and not ns.job_id:
+                raise UsageError("--how requeue needs --job-id (the job to requeue)")
+            return carry_on(ns.run_dir.absolute(), ns.since, ns.how, bool(ns.warned), ns.job_id)
         req = build_request(ns, train_args, Path.cwd())
         script = write(req)
         then = {"requeue": "the job requeues itself", "chain": f"the next of {req.chain} chained jobs continues",

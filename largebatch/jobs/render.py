@@ -13,7 +13,7 @@ import re
 import shlex
 from pathlib import Path
 
-from ..config import UsageError
+from ..argparsing import UsageError
 from .request import ENTRIES, JobRequest
 
 PLACEHOLDER = re.compile(r"@([a-z_]+)@")

@@ -11,10 +11,13 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import UsageError, parse_config
+from ..argparsing import UsageError
+from ..config import parse_config
 
+# The templates are package data; the entry scripts the jobs run are the checkout's, which
+# tools/setup.sh installs editable.
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = ROOT / "jobs"
 ENTRIES = {"folder": ROOT / "pytorch_imagenet_resnet.py", "dali": ROOT / "pytorch_imagenet_resnet_dali.py"}
 SLURM_MAX_SIGNAL_SECONDS = 65535  # --signal=...@N takes at most 0xffff seconds
 

@@ -7,7 +7,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from ..config import UsageError
+from ..argparsing import UsageError
 
 
 class SubmitError(RuntimeError):

@@ -1,11 +1,8 @@
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from largebatch.data.digits import write_digits  # noqa: E402
+from largebatch.data.digits import write_digits
 
 
 @pytest.fixture(scope="session")

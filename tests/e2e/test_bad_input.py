@@ -26,6 +26,7 @@ def test_flag_errors_before_any_work(tmp_path):
     assert_usage_error(proc, "--synthetic")
 
 
+@pytest.mark.mpi
 def test_missing_data_directory_stops_both_ranks(tmp_path):
     proc = run_job(job_args(tmp_path / "nowhere", tmp_path / "run", "--epochs", "1"), np=2, check=False, timeout=120)
     assert proc.returncode != 0

@@ -78,6 +78,7 @@ def val_labels(root: Path) -> dict[str, int]:
 
 # --- the converter ---------------------------------------------------------------------------
 
+@pytest.mark.dali  # compares with DALI's own tfrecord2idx
 def test_converter_layout_labels_and_index(digits, records, tmp_path):
     meta = json.loads((records / "idx_files" / "dataset.json").read_text())
     train = datasets.ImageFolder(str(digits / "train"))
@@ -165,6 +166,7 @@ def test_index_subcommand_for_existing_records(records, tmp_path):
 
 # --- the DALI pipeline -------------------------------------------------------------------------
 
+@pytest.mark.dali
 @pytest.mark.parametrize("fmt", ["tfrecord", "folder"])
 def test_dali_images_and_labels_match_torchvision(digits, records, fmt):
     """CPU pipeline: labels of known images equal ImageFolder's; validation images equal
@@ -196,6 +198,7 @@ def test_dali_images_and_labels_match_torchvision(digits, records, fmt):
     assert seen == n_train + len(datasets.ImageFolder(str(digits / "val")))
 
 
+@pytest.mark.dali
 def test_label_base_is_detected_or_refused(digits, records, tmp_path):
     # 0-based records: auto reads the base, labels equal the 1-based records' minus one.
     zero = tmp_path / "zero"
@@ -219,6 +222,8 @@ def test_label_base_is_detected_or_refused(digits, records, tmp_path):
             pass
 
 
+@pytest.mark.dali
+@pytest.mark.mpi
 def test_each_sample_once_per_epoch_on_two_ranks(digits_odd, tmp_path):
     """Uneven data (223 training, 77 validation images) on 2 ranks, both formats."""
     records = tmp_path / "records"
@@ -229,6 +234,7 @@ def test_each_sample_once_per_epoch_on_two_ranks(digits_odd, tmp_path):
     assert [s["format"] for s in summary if "format" in s] == ["tfrecord", "folder"]
 
 
+@pytest.mark.dali
 def test_corrupt_images_are_named(digits, records, tmp_path):
     # A folder with a file that is not an image.
     folder = tmp_path / "folder"
@@ -257,6 +263,7 @@ def test_corrupt_images_are_named(digits, records, tmp_path):
     assert f"unreadable image in {shard}, the record at byte {found[7][0]}" in line, line
 
 
+@pytest.mark.dali
 def test_gpu_pipeline_without_gpu_is_a_one_line_error(records, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -267,6 +274,8 @@ def test_gpu_pipeline_without_gpu_is_a_one_line_error(records, tmp_path):
 
 # --- the training job ---------------------------------------------------------------------------
 
+@pytest.mark.dali
+@pytest.mark.mpi
 def test_dali_job_trains_resumes_and_logs_like_torchvision(digits, records, tmp_path):
     """Two ranks, TFRecords, CPU pipeline: stopped mid-epoch by SIGUSR1, resumed with
     --resume auto, and the result equals an uninterrupted run (the resumed epoch replays

@@ -6,6 +6,9 @@ import pytest
 
 from helpers import PYTHON, ROOT, TRAIN, env
 
+# Every test starts the job with horovodrun.
+pytestmark = pytest.mark.mpi
+
 SMOKE = ["--synthetic", "--synthetic-size", "64", "--model", "resnet18", "--image-size", "16",
          "--val-resize", "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--print-freq", "1"]
 

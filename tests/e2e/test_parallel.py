@@ -17,6 +17,9 @@ from largebatch.model import build_model
 from test_bad_input import assert_usage_error
 from test_training import job_args, val_lines
 
+# Every test starts mpirun jobs (some through the two_process_run fixture).
+pytestmark = pytest.mark.mpi
+
 SCRIPTS = Path(__file__).parent / "scripts"
 SMOOTHING = 0.1
 # 77 validation images over 2 ranks are 39 + 38: with batches of 38, rank 0 has one batch

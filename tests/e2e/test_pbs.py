@@ -12,8 +12,13 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from helpers import env
 from jobrun import check_continued_run, jobs_cli, resumed_at, status, steps_per_epoch, train_args, wait_for_text
+
+# The job scripts start their ranks with mpirun.
+pytestmark = pytest.mark.mpi
 
 EPOCHS = 3
 

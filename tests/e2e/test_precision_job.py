@@ -13,6 +13,7 @@ from largebatch.events import read_scalars
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
+@pytest.mark.mpi
 def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant():
     proc = run_mpi_script(SCRIPTS / "loss_scaling.py")
     reports = results(proc.stdout)
@@ -20,6 +21,7 @@ def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant():
         == [(0, 1, True), (1, 1, True)], proc.stdout
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("flags, param_dtype", [(["--precision", "amp-bf16"], "torch.float32"),
                                                 (["--precision", "bf16", "--channels-last"], "torch.bfloat16")])
 def test_bf16_trains_end_to_end(digits, tmp_path, flags, param_dtype):
@@ -32,6 +34,7 @@ def test_bf16_trains_end_to_end(digits, tmp_path, flags, param_dtype):
     assert sum(losses[-4:]) < sum(losses[:4]), "bf16 training did not learn"
 
 
+@pytest.mark.mpi
 def test_deterministic_runs_give_identical_checkpoints(digits, tmp_path):
     digests = []
     for name in ("a", "b"):
@@ -47,6 +50,7 @@ def test_deterministic_runs_give_identical_checkpoints(digits, tmp_path):
     assert digests[0] == digests[1]
 
 
+@pytest.mark.mpi
 def test_prof_writes_traces_and_stops(digits, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_job(job_args(digits, run_dir, "--epochs", "2", "--prof", "3", "--timeline"))

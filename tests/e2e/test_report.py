@@ -35,6 +35,7 @@ def summary_row(text: str, name: str) -> list[str]:
     return [cell.strip() for cell in rows[0].strip("|").split("|")]
 
 
+@pytest.mark.mpi  # the runs fixture trains with mpirun -np 2
 def test_one_run_plots_and_summary(runs):
     lars_run, _ = runs
     proc = report(lars_run)
@@ -56,6 +57,7 @@ def test_one_run_plots_and_summary(runs):
     assert proc.stdout.startswith("# Training runs")  # the summary is printed too
 
 
+@pytest.mark.mpi  # the runs fixture trains with mpirun -np 2
 def test_several_runs_share_each_plot(runs, tmp_path):
     lars_run, sgd_run = runs
     assert report(lars_run, "--out", tmp_path / "one").returncode == 0
@@ -70,6 +72,7 @@ def test_several_runs_share_each_plot(runs, tmp_path):
     assert (tmp_path / "two" / "trust_ratio.png").exists()
 
 
+@pytest.mark.mpi  # the runs fixture trains with mpirun -np 2
 def test_runs_with_one_label_are_averaged(runs, tmp_path):
     lars_run, sgd_run = runs
     proc = report(lars_run, sgd_run, "--out", tmp_path, "--labels", "both,both")

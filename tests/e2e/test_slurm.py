@@ -14,6 +14,9 @@ from jobrun import (check_continued_run, jobs_cli, resumed_at, status, steps_per
 from largebatch.events import read_scalars
 from slurm_cluster import SlurmCluster, missing
 
+# A real SLURM cluster; its jobs start their ranks with mpirun or srun.
+pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+
 EPOCHS = 3
 # Two ranks, no GPU: the test node has 2 CPUs and nothing else.
 RESOURCES = ["--scheduler", "slurm", "--gpus-per-node", "0", "--ranks-per-node", "2", "--cpus-per-rank", "1",
@@ -99,7 +102,7 @@ def test_chain_of_jobs_runs_in_order_and_continues_the_run(slurm, digits, tmp_pa
 def test_multi_node_template_with_mpirun_trains_and_checkpoints(slurm, digits, tmp_path):
     """The many-node script's mpirun launch (Open MPI reading the allocation from SLURM), on
     the one node there is: one epoch, its checkpoint, a finished status."""
-    template = ROOT / "jobs" / "slurm" / "multi-node.sbatch"
+    template = ROOT / "largebatch" / "jobs" / "templates" / "slurm" / "multi-node.sbatch"
     out = jobs_cli("submit", *RESOURCES, "--launcher", "mpirun", "--template", str(template), "--",
                    *train_args(digits, "run", 1), cwd=tmp_path, extra_env=slurm.env).stdout
     (job,) = submitted_ids(out)

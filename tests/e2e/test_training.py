@@ -16,6 +16,9 @@ from largebatch.config import parse_config
 from largebatch.events import histogram_tags, read_scalars
 from largebatch.model import build_model
 
+# Every test starts mpirun jobs.
+pytestmark = pytest.mark.mpi
+
 SCRIPTS = Path(__file__).parent / "scripts"
 
 

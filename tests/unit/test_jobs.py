@@ -3,6 +3,7 @@ line, scripts carry exactly what was asked for, and every template and rendering
 shellcheck. (The scripts run for real in tests/e2e/test_slurm.py and test_pbs.py.)"""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from largebatch.jobs.cli import main
 from largebatch.jobs.submit import job_id
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = sorted((ROOT / "jobs").glob("*/*.*"))
+TEMPLATES = sorted((ROOT / "largebatch" / "jobs" / "templates").glob("*/*.*"))
 TRAIN = ["--train-dir", "/data/train", "--val-dir", "/data/val", "--log-dir", "runs/r50", "--epochs", "90"]
 SLURM = ["--scheduler", "slurm", "--gpus-per-node", "4", "--time", "24:00:00"]
 
@@ -61,7 +62,7 @@ def test_impossible_requests_are_refused_in_one_line(tmp_path, monkeypatch, caps
 
 def test_the_command_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "largebatch.jobs", "submit", *SLURM, "--nodes", "0", "--", *TRAIN],
-                          capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PATH=""))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "python -m largebatch.jobs: error: --nodes must be at least 1, got 0\n"
 
@@ -126,7 +127,7 @@ def test_training_arguments_reach_the_job_word_for_word(tmp_path, monkeypatch, c
 
 def test_adapted_template_with_an_unknown_placeholder_is_refused(tmp_path, monkeypatch, capsys):
     template = tmp_path / "mine.sbatch"
-    template.write_text((ROOT / "jobs/slurm/single-node.sbatch").read_text() + "#SBATCH --qos=@qos@\n")
+    template.write_text((ROOT / "largebatch/jobs/templates/slurm/single-node.sbatch").read_text() + "#SBATCH --qos=@qos@\n")
     rc, _, err = render(tmp_path, monkeypatch, capsys, *SLURM, "--template", str(template))
     assert rc == 2 and "uses unknown placeholder(s) @qos@" in err
 
