@@ -40,7 +40,7 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
     engine = start_engine(cfg)
     device = pick_device(cfg, engine)
-    lock = prepare_run_dir(cfg.output.log_dir, engine)  # noqa: F841 (held for the run's lifetime)
+    lock = prepare_run_dir(cfg.output.log_dir, engine)  # held until the run ends (or the process dies)
     data = build_input(cfg, entry, engine, device)
     console = Console(engine.is_main, cfg.output.progress)
     console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(engine.size)},
@@ -68,6 +68,8 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
                      checkpoints(cfg).latest())
         console.print(f"{result}: run directory {cfg.output.log_dir} (TensorBoard: tensorboard --logdir {cfg.output.log_dir})")
     board.close()
+    if lock is not None:
+        lock.release()
     if data.bad_files:
         print(f"warning: rank {engine.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
     return DIVERGED if result == "diverged" else 0

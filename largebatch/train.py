@@ -13,7 +13,7 @@ import torch
 
 from .logs import Throughput
 from .metrics import Meter
-from .state import Position, TrainState
+from .state import TrainState
 
 
 @dataclass

@@ -84,15 +84,14 @@ def test_torch_engine_never_imports_horovod(digits, tmp_path):
     for root, body in ((poisoned, "import os\nos._exit(17)\n"), (missing, "raise ImportError('no Horovod here')\n")):
         (root / "horovod").mkdir(parents=True)
         (root / "horovod" / "__init__.py").write_text(body)
-    path = f"{ROOT}"
     args = ["--epochs", "1"]
-    run = {"PYTHONPATH": f"{poisoned}:{path}"}
     cmd = mpi_command(2, TRAIN, [*job_args(digits, tmp_path / "torch", *args, "--engine", "torch")])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env(), **run}, cwd=ROOT)
+    shadow = {"PYTHONPATH": str(poisoned)}  # a fake horovod in front of the installed one
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env(), **shadow}, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     cmd = mpi_command(2, TRAIN, [*job_args(digits, tmp_path / "auto", *args)])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**env(), "PYTHONPATH": f"{missing}:{path}"}, cwd=ROOT)
+    shadow = {"PYTHONPATH": str(missing)}  # a fake horovod in front of the installed one
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env(), **shadow}, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("using the torch engine") == 1, proc.stdout
     assert latest_checkpoint(tmp_path / "auto")["engine"] == "torch"

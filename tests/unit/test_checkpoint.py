@@ -20,7 +20,6 @@ from largebatch.config import UsageError, parse_config
 from largebatch.files import atomic_write, clean_stale_temps, host
 from largebatch.runlock import RunDirInUse, RunLock
 
-ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--synthetic", "--model", "resnet18", "--epochs", "10", "--base-lr", "0.1"]
 CFG = parse_config(BASE)
 FORMAT = "checkpoint-{epoch}.pth.tar"
@@ -241,8 +240,7 @@ KILLED_WRITER = textwrap.dedent("""
 
 
 def test_stale_temps_of_dead_writers_are_removed(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "checkpoint-1.pth.tar")], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "checkpoint-1.pth.tar")])
     assert proc.wait() == -signal.SIGKILL
     (left,) = tmp_path.glob(".checkpoint-1.pth.tar.tmp-*")
     assert left.name == f".checkpoint-1.pth.tar.tmp-{host()}-{proc.pid}"
@@ -283,8 +281,7 @@ HOLDER = textwrap.dedent("""
 
 
 def test_second_run_refused_until_holder_is_killed(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(RunDirInUse) as err:

@@ -59,7 +59,7 @@ def test_meter_reports_sample_weighted_means_over_uneven_batches_and_resets():
         assert got[key] == pytest.approx(expected[key], rel=1e-12), key
     # The loss is the mean over samples, not over batches (the two differ with uneven batches).
     assert got["loss"] != pytest.approx(sum(loss for loss, _, _ in batches) / len(batches), rel=1e-6)
-    assert meter.reduce(None, "val") == {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0}, \
+    assert meter.reduce(None, "val") == {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0, "nonfinite_steps": 0}, \
         "reading must start a new interval"
 
 
@@ -67,4 +67,13 @@ def test_meter_counts_with_a_criterions_own_hits():
     # A model-parallel criterion brings its own hits (same signature as topk_hits).
     meter = Meter(torch.device("cpu"), hits=lambda logits, target: [torch.tensor(3), torch.tensor(4)])
     meter.add(torch.tensor(2.0), torch.zeros(4, 7), torch.zeros(4, dtype=torch.long))
-    assert meter.reduce(None, "train") == {"loss": 2.0, "top1": 75.0, "top5": 100.0, "count": 4}
+    assert meter.reduce(None, "train") == {"loss": 2.0, "top1": 75.0, "top5": 100.0, "count": 4, "nonfinite_steps": 0}
+
+
+def test_meter_counts_steps_taken_on_a_non_finite_loss_until_read():
+    meter = Meter(torch.device("cpu"))
+    meter.add(torch.tensor(float("nan")), torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
+    meter.add_nonfinite(torch.tensor(1.0))
+    meter.add_nonfinite(torch.tensor(0.0))  # a step whose losses were all finite
+    assert meter.reduce(None, "train")["nonfinite_steps"] == 1
+    assert meter.reduce(None, "train")["nonfinite_steps"] == 0
