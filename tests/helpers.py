@@ -37,19 +37,22 @@ def mpi_command(np: int, script: str, args: list[str]) -> list[str]:
 
 
 def run_job(args: list, np: int = 2, script: str = TRAIN, timeout: float = 600,
-            check: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the training job; np=1 runs plain python, np>1 runs mpirun -np."""
     cmd = [PYTHON, script, *map(str, args)] if np == 1 else mpi_command(np, script, args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})},
+                          cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
 
 
-def run_mpi_script(script: Path, args: list = (), np: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a helper script of the tests under mpirun; fails the test on a non-zero exit."""
-    return run_job(list(args), np=np, script=str(script), timeout=timeout)
+def run_mpi_script(script: Path, args: list = (), np: int = 2, timeout: float = 300,
+                   engine: str = "horovod") -> subprocess.CompletedProcess:
+    """Run a helper script of the tests under mpirun on ``engine``; fails the test on a
+    non-zero exit. The script reports what it checked as JSON lines (``results``)."""
+    return run_job(list(args), np=np, script=str(script), timeout=timeout, extra_env={"LARGEBATCH_TEST_ENGINE": engine})
 
 
 def results(stdout: str) -> list[dict]:

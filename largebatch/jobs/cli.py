@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--module", action="append", default=[], metavar="NAME",
                        help="`module load NAME` in the job, before the environment (repeatable)")
         c.add_argument("--venv", default=sys.prefix, help="the Python environment the job activates")
+        c.add_argument("--engine", choices=["auto", "horovod", "torch"], default="auto",
+                       help="the training's --engine (torch: torch.distributed, started by the same "
+                            "srun/mpirun, no Horovod needed)")
         c.add_argument("--entry", choices=["folder", "dali"], default="folder",
                        help="pytorch_imagenet_resnet.py (folder) or pytorch_imagenet_resnet_dali.py")
         c.add_argument("--template", help="an adapted template (default: largebatch/jobs/templates/<scheduler>/...)")

@@ -118,6 +118,7 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
     _word("--partition/--queue", ns.queue)
 
     template = _template(ns, launcher)
+    train_args = _with_engine(list(train_args), ns.engine)
     run_dir = _check_training(train_args, ns.entry, cwd)
     job_name = _word("--job-name", ns.job_name or f"lb-{run_dir.name}")
     suffix = "sbatch" if ns.scheduler == "slurm" else "pbs"
@@ -131,6 +132,17 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
         account=ns.account, queue=ns.queue, job_name=job_name, launcher=launcher, template=template,
         modules=tuple(ns.module), venv=venv, entry=ns.entry, train_args=tuple(train_args), run_dir=run_dir,
         workdir=cwd, chain=ns.chain, script=script)
+
+
+def _with_engine(train_args: list[str], engine: str) -> list[str]:
+    """The training arguments with the job's --engine, said once."""
+    given = [a.split("=", 1)[1] if "=" in a else (train_args[i + 1] if i + 1 < len(train_args) else "")
+             for i, a in enumerate(train_args) if a.split("=", 1)[0] == "--engine"]
+    if engine == "auto" or given == [engine]:
+        return train_args
+    if given:
+        raise UsageError(f"--engine {engine}, but the training arguments say --engine {given[-1]}")
+    return [*train_args, "--engine", engine]
 
 
 def _template(ns, launcher: str) -> Path:

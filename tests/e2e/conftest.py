@@ -19,3 +19,9 @@ def digits_odd(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits_odd")
     write_digits(root, size=16, val_fraction=77 / 300, seed=1, limit=300)
     return root
+
+
+@pytest.fixture(params=["horovod", "torch"])
+def engine(request) -> str:
+    """Tests of behaviour both engines must have take this and run once on each."""
+    return request.param

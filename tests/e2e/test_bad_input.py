@@ -27,8 +27,9 @@ def test_flag_errors_before_any_work(tmp_path):
 
 
 @pytest.mark.mpi
-def test_missing_data_directory_stops_both_ranks(tmp_path):
-    proc = run_job(job_args(tmp_path / "nowhere", tmp_path / "run", "--epochs", "1"), np=2, check=False, timeout=120)
+def test_missing_data_directory_stops_both_ranks(tmp_path, engine):
+    proc = run_job(job_args(tmp_path / "nowhere", tmp_path / "run", "--epochs", "1", "--engine", engine), np=2,
+                   check=False, timeout=120)
     assert proc.returncode != 0
     assert "--train-dir" in proc.stderr and "no such directory" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -224,11 +224,11 @@ def test_label_base_is_detected_or_refused(digits, records, tmp_path):
 
 @pytest.mark.dali
 @pytest.mark.mpi
-def test_each_sample_once_per_epoch_on_two_ranks(digits_odd, tmp_path):
+def test_each_sample_once_per_epoch_on_two_ranks(digits_odd, tmp_path, engine):
     """Uneven data (223 training, 77 validation images) on 2 ranks, both formats."""
     records = tmp_path / "records"
     convert(digits_odd, records)
-    proc = run_mpi_script(SCRIPTS / "dali_shards.py", [records, digits_odd])
+    proc = run_mpi_script(SCRIPTS / "dali_shards.py", [records, digits_odd], engine=engine)
     summary = results(proc.stdout)
     assert sorted(s["rank"] for s in summary if s.get("check") == "shards") == [0, 1]
     assert [s["format"] for s in summary if "format" in s] == ["tfrecord", "folder"]

@@ -30,15 +30,15 @@ VAL_3 = ["--val-batch-size", "25"]
 
 
 @pytest.mark.parametrize("dim", [1, 0])
-def test_sharded_steps_equal_dense_steps(dim):
-    proc = run_mpi_script(SCRIPTS / "parallel_step.py", [dim])
+def test_sharded_steps_equal_dense_steps(dim, engine):
+    proc = run_mpi_script(SCRIPTS / "parallel_step.py", [dim], engine=engine)
     cases = {r["case"]: r for r in results(proc.stdout)}  # the script asserts; rank 0 reports each case
     assert len(cases) == 6, proc.stdout  # SGD, LARS, LAMB x 10 and 7 classes
     assert all(r["moved"] > 1e-3 and r["difference"] < r["tolerance"] for r in cases.values()), cases
 
 
-def test_parallel_cross_entropy_matches_torch():
-    proc = run_mpi_script(SCRIPTS / "parallel_loss.py", np=3)
+def test_parallel_cross_entropy_matches_torch(engine):
+    proc = run_mpi_script(SCRIPTS / "parallel_loss.py", np=3, engine=engine)
     reports = results(proc.stdout)
     losses = [r for r in reports if r["check"] == "loss"]
     assert len(losses) == 3 * 8  # 3 ranks x 2 class counts x smoothing x ignore_index
@@ -97,7 +97,9 @@ def test_job_saves_a_dense_classifier(two_process_run):
     assert [v["count"] for v in reported] == [77, 77] and all(v["loss"] < 10 for v in reported)
 
 
-@pytest.mark.parametrize("np, extra", [(1, []), (3, ["--model-parallel-dim", "0", *VAL_3])])
+# The 3-process resume runs on the torch engine: a Horovod checkpoint, re-sharded over
+# torch.distributed's collectives.
+@pytest.mark.parametrize("np, extra", [(1, []), (3, ["--model-parallel-dim", "0", *VAL_3, "--engine", "torch"])])
 def test_checkpoint_resumes_with_another_number_of_processes(two_process_run, digits_odd, tmp_path, np, extra):
     run_dir, _ = two_process_run
     saved = run_dir / "checkpoint-1.pth.tar"
@@ -113,11 +115,11 @@ def test_checkpoint_resumes_with_another_number_of_processes(two_process_run, di
         assert val_lines(proc.stdout)[-1]["count"] == 77
 
 
-def test_each_rank_loads_its_slice_and_saves_the_same_dense_state(two_process_run, digits_odd, tmp_path):
+def test_each_rank_loads_its_slice_and_saves_the_same_dense_state(two_process_run, digits_odd, tmp_path, engine):
     run_dir, _ = two_process_run
     flags = job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, *VAL_3)
     proc = run_mpi_script(SCRIPTS / "parallel_checkpoint.py", [run_dir / "checkpoint-2.pth.tar", tmp_path, *flags],
-                          np=3)
+                          np=3, engine=engine)
     reports = results(proc.stdout)
     assert sorted((r["rank"], r["dim"]) for r in reports if r["round_trip"]) == [(r, d) for r in range(3) for d in (0, 1)]
     assert all(r["sharded"]["count"] == 77 and r["sharded"]["top1"] == r["dense"]["top1"] for r in reports), reports

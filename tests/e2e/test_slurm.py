@@ -41,8 +41,8 @@ def _signal_after_first_epoch(slurm, job: str, log, epochs: int) -> None:
     slurm.run("scancel", "--batch", "--signal=USR1", job)
 
 
-def test_warning_signal_checkpoints_then_the_job_requeues_itself_and_finishes(slurm, digits, tmp_path):
-    out = jobs_cli("submit", *RESOURCES, "--", *train_args(digits, "run", EPOCHS), cwd=tmp_path,
+def test_warning_signal_checkpoints_then_the_job_requeues_itself_and_finishes(slurm, digits, tmp_path, engine):
+    out = jobs_cli("submit", *RESOURCES, "--engine", engine, "--", *train_args(digits, "run", EPOCHS), cwd=tmp_path,
                    extra_env=slurm.env).stdout
     (job,) = submitted_ids(out)
     run_dir = tmp_path / "run"
@@ -64,15 +64,16 @@ def test_warning_signal_checkpoints_then_the_job_requeues_itself_and_finishes(sl
     losses = [value for _, value in read_scalars(run_dir)["train/loss"]]
     assert sum(losses[-5:]) < sum(losses[:5]), "the training loss did not fall"
     assert status(run_dir)["checkpoint"].endswith(f"checkpoint-{EPOCHS}.pth.tar")
+    assert f"{engine} engine" in text
 
 
-def test_chain_of_jobs_runs_in_order_and_continues_the_run(slurm, digits, tmp_path):
+def test_chain_of_jobs_runs_in_order_and_continues_the_run(slurm, digits, tmp_path, engine):
     """--chain 3 with srun --mpi=pmix: the first job is stopped in its second (last) epoch,
     the second job continues and finishes, the third finds the run finished and does nothing."""
     epochs = 2
     if "pmix" not in slurm.run("srun", "--mpi=list", check=False).stdout:
         pytest.skip("srun --mpi=pmix is unavailable (Debian: libpmix2; tools/install_slurm.sh sets it up)")
-    out = jobs_cli("submit", *RESOURCES, "--launcher", "srun", "--chain", "3", "--",
+    out = jobs_cli("submit", *RESOURCES, "--launcher", "srun", "--chain", "3", "--engine", engine, "--",
                    *train_args(digits, "chain", epochs), cwd=tmp_path, extra_env=slurm.env).stdout
     jobs = submitted_ids(out)
     assert len(jobs) == 3, out
@@ -97,6 +98,7 @@ def test_chain_of_jobs_runs_in_order_and_continues_the_run(slurm, digits, tmp_pa
     (stop_step,) = resumed_at(logs[1])
     assert "finished training; nothing to do" in logs[2]
     check_continued_run(run_dir, epochs, steps_per_epoch(digits), stop_step)
+    assert f"{engine} engine" in logs[1]
 
 
 def test_multi_node_template_with_mpirun_trains_and_checkpoints(slurm, digits, tmp_path):

@@ -23,9 +23,9 @@ def catches(pid: int, sig: int) -> bool:
     return False
 
 
-def test_stop_signal_during_start_up_stops_at_the_first_report(tmp_path):
+def test_stop_signal_during_start_up_stops_at_the_first_report(tmp_path, engine):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([PYTHON, TRAIN, *SMOKE, "--log-dir", str(run_dir)], env=env(), cwd=ROOT,
+    proc = subprocess.Popen([PYTHON, TRAIN, *SMOKE, "--log-dir", str(run_dir), "--engine", engine], env=env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not catches(proc.pid, signal.SIGUSR1):

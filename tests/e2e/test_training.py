@@ -32,11 +32,11 @@ def val_lines(stdout: str) -> list[dict]:
             for e, l, t1, t5, n in re.findall(pattern, stdout)]
 
 
-def test_lars_job_validation_equals_single_process(digits_odd, tmp_path):
+def test_lars_job_validation_equals_single_process(digits_odd, tmp_path, engine):
     """Two ranks split 77 validation images unevenly; the reduced loss and accuracy must
     equal a plain single-process evaluation of the same weights."""
     run_dir = tmp_path / "run"
-    proc = run_job(job_args(digits_odd, run_dir, "--epochs", "2", "--base-op", "lars"))
+    proc = run_job(job_args(digits_odd, run_dir, "--epochs", "2", "--base-op", "lars", "--engine", engine))
     last = val_lines(proc.stdout)[-1]
     assert last["count"] == 77
 
@@ -85,11 +85,11 @@ def test_checkpoints_status_and_tensorboard(digits, tmp_path):
     assert "already finished" in again.stdout
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path, engine):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_job(job_args(digits, straight, "--epochs", "2", "--seed", "7"))
+    run_job(job_args(digits, straight, "--epochs", "2", "--seed", "7", "--engine", engine))
 
-    args = job_args(digits, interrupted, "--epochs", "2", "--seed", "7")
+    args = job_args(digits, interrupted, "--epochs", "2", "--seed", "7", "--engine", engine)
     output = run_and_signal(args, when="epoch 1/2 step 4/", marker=str(interrupted))
     status = json.loads((interrupted / "status.json").read_text())
     assert status["state"] == "stopped", output
@@ -105,9 +105,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path):
         assert torch.equal(buf["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
 
 
-def test_gradient_accumulation_equals_large_batch():
+def test_gradient_accumulation_equals_large_batch(engine):
     for op in ("lars", "sgd"):
-        proc = run_mpi_script(SCRIPTS / "accumulation.py", [op])
+        proc = run_mpi_script(SCRIPTS / "accumulation.py", [op], engine=engine)
         reports = results(proc.stdout)  # the script asserts the equality; each rank reports its numbers
         assert sorted(r["rank"] for r in reports) == [0, 1], proc.stdout
         assert all(r["moved"] > 1e-4 and r["difference"] < 1e-5 * max(1.0, r["moved"]) for r in reports), reports
@@ -119,8 +119,8 @@ def test_accumulation_counts_optimizer_steps(digits, tmp_path):
     assert latest_checkpoint(run_dir)["step"] == 5  # 10 micro-batches per rank, 2 per step
 
 
-def test_startup_broadcast_leaves_weights_unchanged(tmp_path):
-    proc = run_mpi_script(SCRIPTS / "startup_broadcast.py", [tmp_path / "run"])
+def test_startup_broadcast_leaves_weights_unchanged(tmp_path, engine):
+    proc = run_mpi_script(SCRIPTS / "startup_broadcast.py", [tmp_path / "run"], engine=engine)
     reports = results(proc.stdout)
     assert sorted(r["rank"] for r in reports if r["fresh_equal"] and r["resumed_equal"]) == [0, 1], proc.stdout
 

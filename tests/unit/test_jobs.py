@@ -51,6 +51,7 @@ def directives(script: Path) -> list[str]:
     ([], [*TRAIN, "--resume", "none"], "always continue with --resume auto"),
     ([], [*TRAIN, "--epochs", "many"], "training arguments: argument --epochs: invalid"),
     ([], [*TRAIN, "--model", "resnet5O"], "training arguments: --model 'resnet5O' is not"),
+    (["--engine", "torch"], [*TRAIN, "--engine", "horovod"], "--engine torch, but the training arguments say"),
 ])
 def test_impossible_requests_are_refused_in_one_line(tmp_path, monkeypatch, capsys, args, train, message):
     rc, out, err = render(tmp_path, monkeypatch, capsys, *SLURM, *args, train=train)
@@ -123,6 +124,18 @@ def test_training_arguments_reach_the_job_word_for_word(tmp_path, monkeypatch, c
         ["bash", "-c", 'eval "$(sed -n "/^TRAIN_ARGS=(/,/^)/p" "$1")"; printf "%s\\0" "${TRAIN_ARGS[@]}"', "_",
          str(script)], capture_output=True, text=True, check=True).stdout
     assert words.split("\0")[:-1] == train
+
+
+@pytest.mark.parametrize("engine, train_engine, expected", [("torch", [], ["--engine", "torch"]),
+                                                             ("torch", ["--engine", "torch"], ["--engine", "torch"]),
+                                                             ("auto", [], [])])
+def test_render_engine_reaches_the_training_once(tmp_path, monkeypatch, capsys, engine, train_engine, expected):
+    rc, _, err = render(tmp_path, monkeypatch, capsys, *SLURM, "--engine", engine, train=[*TRAIN, *train_engine])
+    assert rc == 0, err
+    words = subprocess.run(
+        ["bash", "-c", 'eval "$(sed -n "/^TRAIN_ARGS=(/,/^)/p" "$1")"; printf "%s\\0" "${TRAIN_ARGS[@]}"', "_",
+         str(tmp_path / "runs" / "r50" / "job.sbatch")], capture_output=True, text=True, check=True).stdout
+    assert words.split("\0")[:-1] == [*TRAIN, *expected]
 
 
 def test_adapted_template_with_an_unknown_placeholder_is_refused(tmp_path, monkeypatch, capsys):

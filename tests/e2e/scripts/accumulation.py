@@ -7,11 +7,10 @@ import sys
 import torch
 
 from largebatch.config import parse_config
-from largebatch.engines import init_engine
 from largebatch.job import build_state
 from largebatch.metrics import Meter
 from largebatch.train import train_step
-from results import emit
+from script import emit, start_engine
 
 CPU = torch.device("cpu")
 
@@ -37,7 +36,7 @@ def run(engine, n_micro, micro_batch, data):
 
 
 def main():
-    engine = init_engine()
+    engine = start_engine()
     g = torch.Generator().manual_seed(100 + engine.rank)  # each rank its own data
     data = (torch.randn(3, 8, 3, 12, 12, generator=g), torch.randint(0, 10, (3, 8), generator=g))
     accumulated = run(engine, n_micro=2, micro_batch=4, data=data)

@@ -19,7 +19,7 @@ from torchvision import datasets
 from largebatch.config import parse_config
 from largebatch.data.dali import DaliInput
 from largebatch.data.tfrecord import decode_example, read_records, record_files
-from largebatch.engines import init_engine
+from script import start_engine
 
 BATCH, VAL_BATCH = 16, 32
 
@@ -88,7 +88,7 @@ def check_format(dist, records: Path, images: Path, fmt: str) -> None:
 
 
 def main():
-    dist = init_engine()
+    dist = start_engine()
     records, images = Path(sys.argv[1]), Path(sys.argv[2])
     for fmt in ("tfrecord", "folder"):
         check_format(dist, records, images, fmt)

@@ -5,12 +5,11 @@
 import torch
 
 from largebatch.config import parse_config
-from largebatch.engines import init_engine
 from largebatch.job import build_state
 from largebatch.metrics import Meter
 from largebatch.precision import Policy, Precision
 from largebatch.train import train_step
-from results import emit
+from script import emit, start_engine
 
 CPU = torch.device("cpu")
 
@@ -76,7 +75,7 @@ def lars_update_ignores_loss_scale(engine):
 
 
 def main():
-    engine = init_engine()
+    engine = start_engine()
     skipped = overflow_skips_one_step(engine)
     lars_update_ignores_loss_scale(engine)
     emit(rank=engine.rank, skipped_steps=skipped, lars_scale_invariant=True)

@@ -13,11 +13,10 @@ import torch
 
 from largebatch.config import parse_config
 from largebatch.data.folder import FolderInput
-from largebatch.engines import init_engine
 from largebatch.job import build_state, read_checkpoint
 from largebatch.parallel import shards
 from largebatch.train import evaluate
-from results import emit
+from script import emit, start_engine
 
 CPU = torch.device("cpu")
 
@@ -75,7 +74,7 @@ def check(engine, dim: int, path: str, log_dir: str, flags: list[str]) -> None:
 
 def main():
     path, log_dir, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-    engine = init_engine()
+    engine = start_engine()
     for dim in (0, 1):
         check(engine, dim, path, log_dir, flags)
 

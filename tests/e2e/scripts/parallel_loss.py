@@ -6,8 +6,7 @@ returns the slice of the dense layer's logits for every rank's rows."""
 import torch
 import torch.nn.functional as F
 
-from largebatch.engines import init_engine
-from results import emit
+from script import emit, start_engine
 from largebatch.metrics import topk_hits
 from largebatch.parallel import ParallelCrossEntropyLoss, ParallelLinear, shard_range
 
@@ -63,7 +62,7 @@ def check_layer(dist, dim: int, in_features: int, num_classes: int) -> None:
 
 
 def main():
-    dist = init_engine()
+    dist = start_engine()
     for num_classes in (11, 3):
         for smoothing in (0.0, 0.2):
             for ignore_index in (-100, 2):

@@ -13,11 +13,10 @@ import sys
 import torch
 
 from largebatch.config import parse_config
-from largebatch.engines import init_engine
 from largebatch.job import build_optimizer, build_scheduler, build_state
 from largebatch.metrics import Meter
 from largebatch.train import train_step
-from results import emit
+from script import emit, start_engine
 
 STEPS, GLOBAL_BATCH = 2, 12
 
@@ -90,7 +89,7 @@ def compare(dist, dim: int, op: str, num_classes: int) -> None:
 
 def main():
     dim = int(sys.argv[1])
-    dist = init_engine()
+    dist = start_engine()
     for op in ("sgd", "lars", "lamb"):
         for num_classes in (10, 7):
             compare(dist, dim, op, num_classes)

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from largebatch.config import parse_config
-from largebatch.engines import init_engine
 from largebatch.job import build_state, checkpoints, read_checkpoint
 from largebatch.model import build_model
-from results import emit
+from script import emit, start_engine
 
 CPU = torch.device("cpu")
 
@@ -32,7 +31,7 @@ def same(a, b):
 
 
 def main():
-    engine = init_engine()
+    engine = start_engine()
     log_dir = Path(sys.argv[1])
     # fresh start
     cfg, state = build(engine, log_dir)
