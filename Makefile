@@ -4,6 +4,8 @@ MPIRUN  := .venv/bin/mpirun
 NP      ?= 2
 RUN     ?= runs/demo
 EPOCHS  ?= 8
+# ENGINE=torch: torch.distributed, and setup skips the Horovod build (auto: Horovod under mpirun when it imports)
+ENGINE  ?= auto
 DATA    := data/digits
 # Open MPI refuses to start as root unless told; containers and CI run as root.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
@@ -12,7 +14,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 .PHONY: setup demo test test-unit bench convergence clean
 
 setup:
-	@bash tools/setup.sh
+	@LARGEBATCH_HOROVOD=$(if $(filter torch,$(ENGINE)),skip,build) bash tools/setup.sh
 
 $(DATA)/train: | setup
 	$(PY) -m largebatch.data.digits $(DATA)
@@ -21,7 +23,7 @@ demo: setup $(DATA)/train
 	$(MPIRUN) -np $(NP) -x OMP_NUM_THREADS=1 $(PY) pytorch_imagenet_resnet.py \
 	    --train-dir $(DATA)/train --val-dir $(DATA)/val --log-dir $(RUN) \
 	    --model resnet18 --image-size 32 --crop-scale 0.5,1 --batch-size 32 --val-batch-size 128 \
-	    --epochs $(EPOCHS) --warmup-epochs 1 --base-op lars --base-lr 2 --wd 5e-5 --workers 1
+	    --epochs $(EPOCHS) --warmup-epochs 1 --base-op lars --base-lr 2 --wd 5e-5 --workers 1 --engine $(ENGINE)
 
 test: setup
 	$(PY) -m pytest tests -q -ra

@@ -1,4 +1,4 @@
-"""Training throughput: our job against a minimal Horovod loop, same work, same run.
+"""Training throughput: our job on each engine against a minimal Horovod loop, same work, same run.
 
     .venv/bin/python bench/bench_train.py [--np 1,2] [--rounds 3] [--model resnet18]
         [--image-size 64] [--batch-size 32] [--steps 30] [--warmup-steps 10] [--threads 1]
@@ -6,11 +6,14 @@
 Subjects, each started as a fresh ``mpirun -np N`` job per round:
   reference   bench/reference_train.py: torchvision model, SGD, hvd.DistributedOptimizer, no
               metrics, no logging, no checkpoints
-  job         pytorch_imagenet_resnet.py --synthetic with the same model, optimizer (SGD,
-              momentum 0.9, weight decay on every parameter), batch and processes: metrics
-              reduced and logged to the console and TensorBoard every 10 steps (its default)
-  job + ckpt  the same, also writing a full checkpoint (weights, momentum, RNG states) every
-              20 steps: one inside the measured window (an upper bound: real runs
+  job         pytorch_imagenet_resnet.py --synthetic --engine horovod with the same model,
+              optimizer (SGD, momentum 0.9, weight decay on every parameter), batch and
+              processes: metrics reduced and logged to the console and TensorBoard every 10
+              steps (its default)
+  job torch   the same job on the torch engine (torch.distributed and DDP; under mpirun,
+              rendezvous through mpi4py)
+  job + ckpt  the Horovod job, also writing a full checkpoint (weights, momentum, RNG states)
+              every 20 steps: one inside the measured window (an upper bound: real runs
               checkpoint every few thousand steps)
 
 Both count images per second over all ranks from the end of step ``--warmup-steps`` to the
@@ -36,6 +39,7 @@ from largebatch.events import read_scalars_timed
 # Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
 # sys.path, so they import as top-level modules; largebatch and lars come from the install.
 from machine import describe, load
+from tables import train_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +74,7 @@ def reference_rate(args, np: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
 
 
-def job_rate(args, np: int, checkpoints: bool) -> float:
+def job_rate(args, np: int, checkpoints: bool, engine: str = "horovod") -> float:
     with tempfile.TemporaryDirectory(dir=args.scratch) as run_dir:
         extra = ["--checkpoint-every", CHECKPOINT_EVERY] if checkpoints else []
         launch(np, ROOT / "pytorch_imagenet_resnet.py",
@@ -78,7 +82,7 @@ def job_rate(args, np: int, checkpoints: bool) -> float:
                 "--image-size", args.image_size, "--val-resize", args.image_size, "--batch-size", args.batch_size,
                 "--val-batch-size", args.batch_size, "--epochs", 1, "--warmup-epochs", 0, "--base-op", "sgd",
                 "--no-bn-bias-separately", "--workers", 0, "--print-freq", PRINT_FREQ, "--progress", "lines",
-                "--log-dir", run_dir, *extra], args.threads)
+                "--log-dir", run_dir, "--engine", engine, *extra], args.threads)
         times = {step: wall for step, _, wall in read_scalars_timed(Path(run_dir))["train/loss"]}
     images = (args.steps - args.warmup_steps) * args.batch_size * np
     return images / (times[args.steps] - times[args.warmup_steps])
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
     machine = describe()
     subjects = {"reference": lambda np: reference_rate(args, np),
                 "job": lambda np: job_rate(args, np, checkpoints=False),
+                "job torch": lambda np: job_rate(args, np, checkpoints=False, engine="torch"),
                 "job + ckpt": lambda np: job_rate(args, np, checkpoints=True)}
     names = list(subjects)
     results = []
@@ -133,16 +138,7 @@ def main(argv=None) -> int:
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"Training throughput, {args.model} at {args.image_size} px, batch {args.batch_size} per process, "
-          f"synthetic input, {args.threads} thread(s) per process; median of {args.rounds} interleaved rounds")
-    print()
-    print("| processes | reference images/s | job images/s | job / reference | job + ckpt every "
-          f"{CHECKPOINT_EVERY} steps | job + ckpt / reference |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for row in results:
-        m = row["median_images_per_sec"]
-        print(f"| {row['processes']} | {m['reference']:.1f} | {m['job']:.1f} | {row['job / reference']['median']:.3f} "
-              f"| {m['job + ckpt']:.1f} | {row['job + ckpt / reference']['median']:.3f} |")
+    print("\n".join(train_table(report)))
     return 0
 
 

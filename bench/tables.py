@@ -31,16 +31,20 @@ def machine_line(m: dict) -> str:
 
 def train_table(r: dict) -> list[str]:
     s = r["settings"]
+    torch_engine = "job torch" in r["results"][0]["median_images_per_sec"]  # runs before the torch engine lack it
     lines = [f"{s['model']} at {s['image_size']} px, batch {s['batch_per_process']} per process, {s['input']}, "
              f"{s['threads_per_process']} thread(s) per process, {s['measured_steps']} measured steps; "
              f"median of {s['rounds']} interleaved rounds.", "",
-             f"| processes | reference loop, images/s | job, images/s | job / reference "
-             f"| job + checkpoint every {s['job_ckpt_checkpoint_every']} steps | that / reference |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| processes | reference loop, images/s | job (Horovod), images/s | job / reference "
+             + ("| job (torch engine), images/s | that / reference " if torch_engine else "")
+             + f"| job + checkpoint every {s['job_ckpt_checkpoint_every']} steps | that / reference |",
+             "| ---: | ---: | ---: | ---: " + ("| ---: | ---: " if torch_engine else "") + "| ---: | ---: |"]
     for row in r["results"]:
         m = row["median_images_per_sec"]
+        torch_cells = (f"| {m['job torch']:.1f} | {row['job torch / reference']['median']:.3f} "
+                       if torch_engine else "")
         lines.append(f"| {row['processes']} | {m['reference']:.1f} | {m['job']:.1f} "
-                     f"| {row['job / reference']['median']:.3f} | {m['job + ckpt']:.1f} "
+                     f"| {row['job / reference']['median']:.3f} {torch_cells}| {m['job + ckpt']:.1f} "
                      f"| {row['job + ckpt / reference']['median']:.3f} |")
     return lines
 
