@@ -22,8 +22,12 @@ def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant(engine):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("flags, param_dtype", [(["--precision", "amp-bf16"], "torch.float32"),
-                                                (["--precision", "bf16", "--channels-last"], "torch.bfloat16")])
+@pytest.mark.parametrize("flags, param_dtype", [
+    (["--precision", "amp-bf16"], "torch.float32"),
+    (["--precision", "bf16", "--channels-last"], "torch.bfloat16"),
+    # bf16, channels-last gradients through DDP's buckets, compressed to fp16, two micro-batches a step
+    (["--precision", "bf16", "--channels-last", "--engine", "torch", "--fp16-allreduce",
+      "--batches-per-allreduce", "2"], "torch.bfloat16")])
 def test_bf16_trains_end_to_end(digits, tmp_path, flags, param_dtype):
     run_dir = tmp_path / "run"
     run_job(job_args(digits, run_dir, "--epochs", "2", *flags))
