@@ -87,8 +87,8 @@ class ParallelLinear(nn.Module):
         # Both layouts leave each rank a slice of the classes (dim 0 after its reduce-scatter).
         for count, what in [(out_features, "classes")] + ([(in_features, "input features")] if dim == 0 else []):
             if count < engine.size:
-                raise ShardingError(f"splitting the classifier's {count} {what} (dim {dim}) over "
-                                    f"{engine.size} processes leaves fewer than one each")
+                raise ShardingError(f"dim {dim} splits the classifier's {count} {what} over "
+                                    f"{engine.size} processes: fewer than one each")
         self.in_features, self.out_features, self.dim, self.engine = in_features, out_features, dim, engine
         self.class_range = shard_range(out_features, engine.size, engine.rank)
         self.feature_range = shard_range(in_features, engine.size, engine.rank) if dim == 0 else (0, in_features)
