@@ -23,7 +23,7 @@ demo: setup $(DATA)/train
 	$(MPIRUN) -np $(NP) -x OMP_NUM_THREADS=1 $(PY) pytorch_imagenet_resnet.py \
 	    --train-dir $(DATA)/train --val-dir $(DATA)/val --log-dir $(RUN) \
 	    --model resnet18 --image-size 32 --crop-scale 0.5,1 --batch-size 32 --val-batch-size 128 \
-	    --epochs $(EPOCHS) --warmup-epochs 1 --base-op lars --base-lr 2 --wd 5e-5 --workers 1 --engine $(ENGINE)
+	    --epochs $(EPOCHS) --warmup-epochs 1 --base-op lars --bn-bias-separately --label-smoothing 0 --base-lr 2 --wd 5e-5 --workers 1 --engine $(ENGINE)
 
 test: setup
 	$(PY) -m pytest tests -q -ra

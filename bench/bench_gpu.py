@@ -94,7 +94,7 @@ def make_folder(root: Path, distinct: int, train: int, classes: int = 10, seed: 
 def job_rate(args, precision: str, data: Path | None, scratch: Path) -> float:
     common = ["--model", args.model, "--image-size", args.image_size, "--batch-size", args.batch_size,
               "--val-batch-size", args.batch_size, "--epochs", 1, "--warmup-epochs", 0, "--base-op", "sgd",
-              "--precision", precision, "--channels-last", "--print-freq", PRINT_FREQ, "--progress", "lines"]
+              "--bn-bias-separately", "--label-smoothing", 0, "--precision", precision, "--channels-last", "--print-freq", PRINT_FREQ, "--progress", "lines"]
     with tempfile.TemporaryDirectory(dir=scratch) as run_dir:
         if data is None:
             script = ROOT / "pytorch_imagenet_resnet.py"

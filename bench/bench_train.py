@@ -81,7 +81,7 @@ def job_rate(args, np: int, checkpoints: bool, engine: str = "horovod") -> float
                ["--synthetic", "--synthetic-size", args.steps * args.batch_size * np, "--model", args.model,
                 "--image-size", args.image_size, "--val-resize", args.image_size, "--batch-size", args.batch_size,
                 "--val-batch-size", args.batch_size, "--epochs", 1, "--warmup-epochs", 0, "--base-op", "sgd",
-                "--no-bn-bias-separately", "--workers", 0, "--print-freq", PRINT_FREQ, "--progress", "lines",
+                "--no-bn-bias-separately", "--label-smoothing", 0, "--workers", 0, "--print-freq", PRINT_FREQ, "--progress", "lines",
                 "--log-dir", run_dir, "--engine", engine, *extra], args.threads)
         times = {step: wall for step, _, wall in read_scalars_timed(Path(run_dir))["train/loss"]}
     images = (args.steps - args.warmup_steps) * args.batch_size * np

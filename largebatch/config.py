@@ -1,7 +1,8 @@
 """Command-line flags, parsed once into a typed, validated ``Config``.
 
-Flag names follow the original Horovod + LARS ImageNet trainer so that its users' command
-lines keep working. Everything that can be checked without touching data or starting
+Flag names and defaults follow the original Horovod + LARS ImageNet trainer so that its users'
+command lines keep working and mean the same training; the other older projects' spellings
+(Apex's ImageNet examples, TorchShard) are mapped onto these flags by seeds.py. Everything that can be checked without touching data or starting
 Horovod is checked here, so a bad flag fails in every rank at once, before any work.
 """
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import seeds
 from .argparsing import Parser, UsageError
 
 
@@ -61,6 +64,7 @@ class OptimConfig:
     trust_clip: float | None
     label_smoothing: float
     base_op: str
+    pretrained: bool
     bn_bias_separately: bool
     max_nonfinite_steps: int
 
@@ -110,6 +114,7 @@ class OutputConfig:
     resume: str
     print_freq: int
     progress: str
+    evaluate: bool
 
 
 @dataclass(frozen=True)
@@ -190,9 +195,11 @@ def _epochs_list(text: str) -> tuple[float, ...]:
 
 
 def build_parser(entry: str) -> argparse.ArgumentParser:
+    # allow_abbrev=False: with abbreviations, the LARS trainer's --lr-decay 30 60 80 was taken
+    # as our --lr-decay-epochs (one value) and failed; every short spelling is an explicit alias.
     p = Parser(prog=f"pytorch_imagenet_resnet{'_dali' if entry == 'dali' else ''}.py",
                 description="Large-batch data-parallel ImageNet training with Horovod or torch.distributed.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     bool_flag = argparse.BooleanOptionalAction
 
     d = p.add_argument_group("data")
@@ -222,11 +229,14 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     d.add_argument("--crop-scale", type=_pair, default=(0.08, 1.0),
                    help="training crop area, as fractions of the image (random resized crop)")
     d.add_argument("--crop-ratio", type=_pair, default=(3 / 4, 4 / 3), help="training crop aspect ratios")
-    d.add_argument("--workers", type=_non_negative_int, default=4, help="data loader processes per rank")
+    d.add_argument("--workers", "-j", type=_non_negative_int, default=4, help="data loader processes per rank")
 
     o = p.add_argument_group("model and optimisation")
-    o.add_argument("--model", default="resnet50", help="any torchvision classification model")
-    o.add_argument("--batch-size", type=_positive_int, default=32, help="training batch per process per micro-batch")
+    o.add_argument("--model", "-a", "--arch", default="resnet50", help="any torchvision classification model")
+    o.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's trained weights (from the torch hub cache; the classifier "
+                        "stays fresh when --num-classes differs)")
+    o.add_argument("--batch-size", "-b", "--b", type=_positive_int, default=32, help="training batch per process per micro-batch")
     o.add_argument("--val-batch-size", type=_positive_int, default=32)
     o.add_argument("--batches-per-allreduce", type=_positive_int, default=1,
                    help="micro-batches accumulated per optimizer step")
@@ -235,19 +245,21 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     o.add_argument("--lr-scaling", choices=["keep", "linear", "sqrt"], default="keep",
                    help="scale --base-lr by processes x batches-per-allreduce (linear) or its square root")
     o.add_argument("--lr-schedule", choices=["poly", "cosine", "step"], default="poly")
-    o.add_argument("--lr-power", type=_positive_float, default=2.0, help="poly schedule exponent")
+    o.add_argument("--lr-power", type=_positive_float, default=None,
+                   help="poly schedule exponent (default: 2 with --base-op lars, else 1, as in the original trainer)")
     o.add_argument("--end-lr", type=_non_negative_float, default=0.0)
     o.add_argument("--lr-decay-epochs", type=_epochs_list, default=(30.0, 60.0, 80.0),
                    help="step schedule: epochs at which the rate drops 10x")
     o.add_argument("--warmup-epochs", type=_non_negative_float, default=5.0)
     o.add_argument("--momentum", type=_non_negative_float, default=0.9)
-    o.add_argument("--wd", type=_non_negative_float, default=5e-5, help="weight decay")
+    o.add_argument("--wd", "--weight-decay", type=_non_negative_float, default=5e-5, help="weight decay")
     o.add_argument("--epsilon", type=_non_negative_float, default=1e-5, help="LARS/LAMB epsilon")
     o.add_argument("--lars-eta", type=_positive_float, default=0.001, help="LARS trust coefficient")
     o.add_argument("--trust-clip", type=_positive_float, default=None, help="cap on the LARS/LAMB trust ratio")
-    o.add_argument("--label-smoothing", type=_non_negative_float, default=0.0)
-    o.add_argument("--base-op", choices=["sgd", "lars", "lamb"], default="lars")
-    o.add_argument("--bn-bias-separately", action=bool_flag, default=True,
+    # The original trainer's defaults: label smoothing 0.1, SGD, weight decay on every parameter.
+    o.add_argument("--label-smoothing", type=_non_negative_float, default=0.1)
+    o.add_argument("--base-op", choices=["sgd", "lars", "lamb"], default="sgd")
+    o.add_argument("--bn-bias-separately", action=bool_flag, default=False,
                    help="no weight decay and no trust ratio for normalisation weights and biases")
     o.add_argument("--max-nonfinite-steps", type=_non_negative_int, default=0, metavar="N",
                    help="stop the run (status 'failed', exit 3) once more than N optimizer steps had an inf or "
@@ -259,11 +271,12 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
                         "(default fp32)")
     n.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"], default=None,
                    help="Apex's levels: O0 fp32, O1 amp, O2 fp16 model + fp32 master weights, O3 pure fp16")
-    n.add_argument("--keep-batchnorm-fp32", action=bool_flag, default=None,
-                   help="batch norm in fp32 under O2/O3/fp16/bf16 (default: on for O2, off for O3)")
+    # Apex writes --keep-batchnorm-fp32 True; a bare flag and --no-... work too.
+    _value_bool(n, "--keep-batchnorm-fp32", None,
+                "batch norm in fp32 under O2/O3/fp16/bf16 (default: on for O2, off for O3)")
     n.add_argument("--loss-scale", default=None, help="'dynamic' or a fixed number (fp16 levels only)")
-    n.add_argument("--channels-last", action=bool_flag, default=False, help="NHWC model and inputs")
-    n.add_argument("--sync-bn", action=bool_flag, default=False, help="batch norm statistics across all ranks")
+    _value_bool(n, "--channels-last", False, "NHWC model and inputs")
+    n.add_argument("--sync-bn", "--sync_bn", action=bool_flag, default=False, help="batch norm statistics across all ranks")
     n.add_argument("--deterministic", action=bool_flag, default=False,
                    help="deterministic algorithms: two runs with the same flags give identical checkpoints")
     n.add_argument("--prof", type=_non_negative_int, default=0, metavar="N",
@@ -285,9 +298,9 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--enable-model-parallel", action="store_true",
                    help="split the final linear layer (the classifier) across the processes")
-    h.add_argument("--model-parallel-dim", type=int, choices=[0, 1], default=None,
-                   help="with --enable-model-parallel: 1 splits the output classes, 0 the input features "
-                        "(default 1)")
+    h.add_argument("--model-parallel-dim", type=int, choices=[-1, 0, 1], default=None,
+                   help="with --enable-model-parallel: 1 (or -1, TorchShard's last dim) splits the output classes, "
+                        "0 the input features (default 1)")
 
     r = p.add_argument_group("output")
     r.add_argument("--log-dir", type=Path, default=Path("./logs"),
@@ -299,16 +312,51 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     r.add_argument("--keep-checkpoints", type=_positive_int, default=3, help="how many checkpoints to keep")
     r.add_argument("--resume", default="auto",
                    help="auto: continue from the newest checkpoint in --log-dir; none: start fresh; or a file")
-    r.add_argument("--print-freq", type=_positive_int, default=10, help="optimizer steps between log updates")
+    r.add_argument("--print-freq", "-p", type=_positive_int, default=10, help="optimizer steps between log updates")
     r.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
                    help="console progress: a bar on a terminal, lines in a batch log")
+    r.add_argument("--evaluate", "-e", action="store_true",
+                   help="only validate: the --resume PATH checkpoint, else the newest in --log-dir (or, with "
+                        "--pretrained and no checkpoint, torchvision's weights); writes nothing")
+    seeds.add_arguments(p, entry)
     return p
+
+
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _bool_word(text: str) -> bool:
+    try:
+        return _BOOL_WORDS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"takes True or False (or no value), got {text!r}") from None
+
+
+def _value_bool(group, flag: str, default, help: str) -> None:
+    """``--flag``, ``--flag True|False`` (Apex's spelling, parsed as a real boolean: Apex's
+    ``type=bool`` made ``False`` true) and ``--no-flag``."""
+    dest = flag.lstrip("-").replace("-", "_")
+    group.add_argument(flag, dest=dest, nargs="?", const=True, type=_bool_word, default=default,
+                       metavar="True|False", help=help)
+    group.add_argument("--no-" + flag[2:], dest=dest, action="store_false", default=default, help=argparse.SUPPRESS)
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations this command line sets explicitly: parsed again with every default
+    suppressed (seeds.apply lets explicit flags win over a seed's recipe)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def parse_config(argv: list[str] | None, entry: str = "folder") -> Config:
     """Parse and validate; raises UsageError with a one-line message."""
-    ns = build_parser(entry).parse_args(argv)
-    values = vars(ns)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(entry)
+    values = vars(parser.parse_args(argv))
+    seeds.apply(values, _given(parser, argv), entry)
+    if values["lr_power"] is None:
+        values["lr_power"] = 2.0 if values["base_op"] == "lars" else 1.0
     if values["val_resize"] is None:
         values["val_resize"] = max(values["image_size"], round(values["image_size"] / 0.875))
     if values["model_parallel_dim"] is not None and not values["enable_model_parallel"]:

@@ -30,7 +30,7 @@ from .profiling import StepProfiler
 from .runlock import RunLock
 from .state import Position, TrainState
 from .stop import StopRequest
-from .train import Hooks, train
+from .train import Hooks, evaluate, train
 
 
 DIVERGED = 3  # exit status of a run stopped by non-finite losses (2: bad input, 1: other failures)
@@ -40,6 +40,8 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
     engine = start_engine(cfg)
     device = pick_device(cfg, engine)
+    if cfg.output.evaluate:
+        return run_evaluation(cfg, entry, engine, device)
     lock = prepare_run_dir(cfg.output.log_dir, engine)  # held until the run ends (or the process dies)
     data = build_input(cfg, entry, engine, device)
     console = Console(engine.is_main, cfg.output.progress)
@@ -48,7 +50,8 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
                          f"{cfg.optim.batch_size * cfg.optim.batches_per_allreduce * engine.size}")
 
     configure_determinism(cfg.numerics.deterministic, cfg.dist.seed + engine.rank)
-    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.optim.batches_per_allreduce)
+    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.optim.batches_per_allreduce,
+                        model=initial_model(cfg, engine, data.num_classes))
     data = state.classifier.input(data, cfg.data.image_size, device)
     torch.manual_seed(cfg.dist.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
     state.start(read_checkpoint(cfg, engine))
@@ -73,6 +76,82 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     if data.bad_files:
         print(f"warning: rank {engine.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
     return DIVERGED if result == "diverged" else 0
+
+
+def run_evaluation(cfg: Config, entry: str, engine: Engine, device: torch.device) -> int:
+    """--evaluate: validate one set of weights over every validation image exactly once (on
+    any number of processes) and print loss, top-1 and top-5. The weights: --resume PATH, else
+    the newest checkpoint in --log-dir, else (with --pretrained) torchvision's. It takes no run
+    lock and writes nothing, so it may look at a run that is still training."""
+    data = build_input(cfg, entry, engine, device)
+    console = Console(engine.is_main, cfg.output.progress)
+    found, problem = None, ""
+    if engine.is_main:
+        try:
+            found = find_weights(cfg, data.num_classes)
+        except UsageError as e:
+            problem = str(e)
+    problem = engine.broadcast_object(problem, name="evaluate_check")
+    if problem:
+        raise UsageError(problem)
+    configure_determinism(cfg.numerics.deterministic, cfg.dist.seed + engine.rank)
+    state = build_state(cfg, engine, device, data.num_classes,
+                        max(1, data.batches_per_epoch // cfg.optim.batches_per_allreduce),
+                        model=initial_model(cfg, engine, data.num_classes))
+    # Only the weights: the optimizer and schedule of the flags given need not match the run's.
+    path, ckpt = found if found else (None, None)
+    weights = state.classifier.scatter_state(
+        {"model": ckpt["model"], "optimizer": {"state": {}, "param_groups": []}} if ckpt else None,
+        state.model, state.optimizer)
+    if weights is None:
+        state.start(None)  # rank 0's (pretrained) weights on every rank
+        source = f"torchvision's pretrained {cfg.optim.model}"
+    else:
+        state.model.load_state_dict(weights["model"])
+        source = str(engine.broadcast_object(path and f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})",
+                                             name="evaluate_source"))
+    val = evaluate(state, state.classifier.input(data, cfg.data.image_size, device).val())
+    console.print(f"evaluated {source} on {engine.size} process(es): val loss {val['loss']:.4f} "
+                  f"top1 {val['top1']:.2f} top5 {val['top5']:.2f} ({val['count']} images)")
+    return 0
+
+
+def find_weights(cfg: Config, num_classes: int) -> tuple[Path, dict] | None:
+    """Rank 0: the checkpoint --evaluate validates, or None for --pretrained weights."""
+    if cfg.output.resume not in ("auto", "none"):
+        path = Path(cfg.output.resume)
+        found = path, checkpoint.load(path)
+    else:
+        found = checkpoints(cfg).load_newest() if cfg.output.resume == "auto" and cfg.output.log_dir.is_dir() else None
+    if found is None:
+        if cfg.optim.pretrained:
+            return None
+        raise UsageError(f"--evaluate: no checkpoint in --log-dir {cfg.output.log_dir}; give --resume PATH "
+                         f"(or --pretrained for torchvision's weights)")
+    path, state = found
+    saved = state.get("args", {})
+    for key, now in (("model", cfg.optim.model), ("num_classes", num_classes)):
+        if saved.get(key) is not None and saved[key] != now:
+            raise UsageError(f"--evaluate: {path} holds a {key.replace('_', ' ')} {saved[key]} model, "
+                             f"this command line builds {now}")
+    return found
+
+
+def initial_model(cfg: Config, engine: Engine, num_classes: int) -> torch.nn.Module | None:
+    """With --pretrained, the model with torchvision's weights (every rank reads them, and a
+    problem on any rank stops all of them); else None: build_state builds it fresh."""
+    if not cfg.optim.pretrained:
+        return None
+    problem, model = "", None
+    torch.manual_seed(cfg.dist.seed)  # a classifier that does not fit the weights starts as a fresh one would
+    try:
+        model = build_model(cfg.optim.model, num_classes, pretrained=True)
+    except UsageError as e:
+        problem = str(e)
+    problems = [p for p in engine.allgather_object(problem, name="pretrained_check") if p]
+    if problems:
+        raise UsageError(problems[0])
+    return model
 
 
 def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: int, steps_per_epoch: int,

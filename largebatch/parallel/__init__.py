@@ -46,7 +46,44 @@ from .lockstep import LockstepInput
 from .loss import ParallelCrossEntropyLoss
 from .state import broadcast_checkpoint, dense_state
 
-__all__ = ["DenseClassifier", "ShardedClassifier", "build_classifier", "ParallelLinear", "ShardingError",
+
+# --- TorchShard's names, for a user's own DDP or Horovod script (docs/model_parallel.md) -----------
+
+def collect_state_dict(model, optimizer, engine) -> dict | None:
+    """TorchShard's ``collect_state_dict``: ``{"model": ..., "optimizer": ...}`` in the dense
+    layout (every slice of the classifier and of its optimizer state reassembled) on rank 0,
+    None on the others. A collective: every rank calls it."""
+    model_state, optimizer_state = dense_state(model, optimizer, engine)
+    return None if model_state is None else {"model": model_state, "optimizer": optimizer_state}
+
+
+def relocate_state_dict(model, optimizer, state: dict | None, engine) -> dict:
+    """TorchShard's ``relocate_state_dict``: rank 0's dense ``{"model", "optimizer"}`` (None
+    on the others) handed out so that each rank gets its own slices, ready for
+    ``model.load_state_dict(out["model"])`` and ``optimizer.load_state_dict(out["optimizer"])``.
+    It works for any number of ranks, whatever number saved it. A collective."""
+    return broadcast_checkpoint(state, model, optimizer, engine)
+
+
+def engine_for_process_group():
+    """The torch engine on the process group the user's script already initialised
+    (``torch.distributed.init_process_group``, as a DDP script does); to start one instead,
+    ``largebatch.engines.init_engine("torch")`` (under torchrun) or ``init_engine("horovod")``."""
+    import os
+
+    import torch.distributed as dist
+
+    from ..engines.torch import TorchEngine
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: call init_process_group first, "
+                           "or use largebatch.engines.init_engine('torch')")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    device = "cuda" if dist.get_backend() in ("nccl", "cpu:gloo,cuda:nccl") else "cpu"
+    return TorchEngine(dist.get_rank(), dist.get_world_size(), local_rank, local_size, device)
+
+
+__all__ = ["collect_state_dict", "relocate_state_dict", "engine_for_process_group", "DenseClassifier", "ShardedClassifier", "build_classifier", "ParallelLinear", "ShardingError",
            "ShardNorms", "convert_parallel_linear", "share_norms", "shard_range", "shard_sizes",
            "sharded_parameter_names", "shards", "LockstepInput", "ParallelCrossEntropyLoss",
            "broadcast_checkpoint", "dense_state"]

@@ -22,7 +22,7 @@ def make_model():
 
 
 def run(engine, n_micro, micro_batch, data):
-    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", sys.argv[1], "--base-lr", "0.5",
+    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", sys.argv[1], "--bn-bias-separately", "--label-smoothing", "0", "--base-lr", "0.5",
                         "--wd", "1e-3", "--epochs", "2", "--warmup-epochs", "1",
                         "--batch-size", str(micro_batch), "--batches-per-allreduce", str(n_micro)])
     state = build_state(cfg, engine, CPU, num_classes=10, steps_per_epoch=3, model=make_model())

@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 
 
 def setup(engine, flags, precision=None):
-    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", "lars", "--base-lr", "2", "--wd", "1e-3",
+    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", "lars", "--bn-bias-separately", "--label-smoothing", "0", "--base-lr", "2", "--wd", "1e-3",
                         "--epochs", "2", "--warmup-epochs", "1", *flags])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),

@@ -37,7 +37,7 @@ def own_rows(dist) -> slice:
 
 
 def compare(dist, dim: int, op: str, num_classes: int) -> None:
-    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", op, "--base-lr", "0.5", "--wd", "1e-3",
+    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", op, "--bn-bias-separately", "--base-lr", "0.5", "--wd", "1e-3",
                         "--lars-eta", "0.02", "--epochs", "2", "--warmup-epochs", "1", "--label-smoothing", "0.1",
                         "--enable-model-parallel", "--model-parallel-dim", str(dim)])
     g = torch.Generator().manual_seed(num_classes)  # the same global batches on every rank
