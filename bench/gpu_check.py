@@ -3,6 +3,8 @@
     PYTHONPATH=. python3 bench/gpu_check.py --out gpu-check [--budget 420] [--compile-mode default]
     PYTHONPATH=. python3 bench/gpu_check.py --smoke --out /tmp/smoke   # CPU, tiny sizes, < 2 minutes
 
+(--smoke compiles with the aot_eager backend unless LARGEBATCH_COMPILE_BACKEND says otherwise.)
+
 Needs only PyTorch and torchvision (no Horovod, DALI, tensorboardX, launcher or network):
 the torch engine with no launcher variables is a one-process group. What it measures goes
 through the job's own pieces (``parse_config``, ``job.start_engine``, ``job.pick_device``,
@@ -416,6 +418,10 @@ def main(argv=None) -> int:
     if args.cpu and not args.smoke:
         print("gpu_check.py: no CUDA GPU visible; use --smoke for a CPU check of the code paths", file=sys.stderr)
         return 2
+    if args.smoke:
+        # Inductor's C++ builds take minutes for resnet18 on a small CPU machine; the smoke test
+        # checks the seam (Dynamo's capture and AOTAutograd through DDP), not code generation.
+        os.environ.setdefault("LARGEBATCH_COMPILE_BACKEND", "aot_eager")
     if args.cpu:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
         args.workers = min(args.workers, 1)
