@@ -1,7 +1,10 @@
 """The GPU check: one command for a bare GPU machine, timed parts, a table however far it got.
 
-    PYTHONPATH=. python3 bench/gpu_check.py --out gpu-check [--budget 420] [--compile-mode default]
-    PYTHONPATH=. python3 bench/gpu_check.py --smoke --out /tmp/smoke   # CPU, tiny sizes, < 2 minutes
+    python3 bench/gpu_check.py --out gpu-check [--budget 420] [--compile-mode default]
+    python3 bench/gpu_check.py --smoke --out /tmp/smoke   # CPU, tiny sizes, < 2 minutes
+
+On a bare machine without `make setup`, the checkout's root goes on the Python path (the
+exact command is in docs/gpu.md).
 
 (--smoke compiles with the aot_eager backend unless LARGEBATCH_COMPILE_BACKEND says otherwise.)
 
@@ -48,14 +51,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "bench")) if p not in sys.path]
+# Siblings in bench/ (bench_optimizer, machine) import as top-level modules: `python
+# bench/gpu_check.py` puts the script's directory first on the path. largebatch comes from the
+# install, or on a bare machine from the checkout's root on the Python path (docs/gpu.md).
 
-from largebatch import job  # noqa: E402
-from largebatch.argparsing import UsageError  # noqa: E402
-from largebatch.config import parse_config  # noqa: E402
-from largebatch.metrics import Meter  # noqa: E402
-from largebatch.train import train_step  # noqa: E402
+from largebatch import job
+from largebatch.argparsing import UsageError
+from largebatch.config import parse_config
+from largebatch.metrics import Meter
+from largebatch.train import train_step
 
 ANCHORS = [("NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5, 1x A100, AMP", 2470),
            ("MLPerf Training v4.0, ResNet-50 (MXNet, DALI, CUDA graphs), per H200", 7950)]

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def run(code: str, tmp_path: Path, hide: tuple[str, ...]) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter in which the modules ``hide`` do not import."""
     prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in hide)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120,
-                          env={"PYTHONPATH": ":".join([str(ROOT), *sys.path[1:]]), "PATH": "/usr/bin:/bin"})
+                          cwd=tmp_path, timeout=120)
 
 
 WRITE = """
