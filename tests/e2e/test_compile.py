@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 
-import torch
 
 from helpers import PYTHON, ROOT, TRAIN, env, latest_checkpoint, run_job
 from test_training import job_args
