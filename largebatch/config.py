@@ -90,6 +90,7 @@ class NumericsConfig:
     deterministic: bool
     prof: int
     timeline: bool
+    compile: str | None  # torch.compile mode of the forward pass (None: eager)
     policy: object  # precision.Policy, resolved once from the four flags above (precision.py)
 
 
@@ -283,6 +284,10 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
                    help="profile N steps after a warm-up with torch.profiler, then stop")
     n.add_argument("--timeline", action=bool_flag, default=False,
                    help="with --prof: also write Horovod's timeline of the collectives")
+    n.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the model's training forward pass; MODE: default, reduce-overhead "
+                        "(CUDA graphs) or max-autotune (checkpoints stay plain state dicts)")
 
     h = p.add_argument_group("distribution")
     h.add_argument("--engine", choices=["auto", "horovod", "torch"], default="auto",

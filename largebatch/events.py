@@ -2,14 +2,18 @@
 
 Event files are TFRecord-framed ``Event`` protobufs: per record an 8-byte length, a 4-byte
 CRC of it, the payload, a 4-byte CRC of the payload. tensorboardX ships the protobuf
-classes, so no TensorFlow or TensorBoard install is needed to read them.
+classes, so no TensorFlow or TensorBoard install is needed to read them; without
+tensorboardX, the ``tensorboard`` package's copies of the same classes serve.
 """
 from __future__ import annotations
 
 import struct
 from pathlib import Path
 
-from tensorboardX.proto import event_pb2
+try:
+    from tensorboardX.proto import event_pb2
+except ImportError:  # a machine with PyTorch's TensorBoard writer instead (see logs.Board)
+    from tensorboard.compat.proto import event_pb2
 
 
 def read_records(path: Path):

@@ -176,8 +176,27 @@ def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: 
                                  exclude=classifier.owned(model))
     optimizer = gradients.optimizer
     classifier.attach(optimizer, model)
+    if cfg.numerics.compile:
+        compile_forward(gradients, cfg.numerics.compile)
     return TrainState(engine, model, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch), precision,
                       classifier, gradients, args=cfg.to_dict())
+
+
+def compile_forward(gradients, mode: str) -> None:
+    """--compile: the training forward pass runs through ``torch.compile`` of what the
+    engine wraps the model in (DDP, or the model itself under Horovod), so the engine's
+    hooks and ``no_sync`` still apply (the compiled module hands attribute look-ups to the
+    one it wraps). ``TrainState.model`` stays the plain module: checkpoints and state dicts
+    carry no ``_orig_mod.`` prefixes, validation runs eagerly, and a run may resume with or
+    without --compile. O2's cast weights reach the compiled module by parameter identity
+    (``Precision.forward``), which compiling does not change.
+
+    ``LARGEBATCH_COMPILE_BACKEND`` (default inductor) picks another backend; the CPU tests
+    use ``aot_eager`` (the same graph capture and autograd, no code generation), since
+    Inductor's C++ builds take minutes on a 2-core machine."""
+    backend = os.environ.get("LARGEBATCH_COMPILE_BACKEND", "inductor")
+    options = {"mode": mode} if backend == "inductor" else {}  # the modes are Inductor's
+    gradients.module = torch.compile(gradients.module, backend=backend, **options)
 
 
 def saver(cfg: Config, board: Board):

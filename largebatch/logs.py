@@ -1,6 +1,7 @@
 """What rank 0 shows: the console (configuration, progress, epoch summaries) and
-TensorBoard event files (tensorboardX). Other ranks get silent stand-ins, so the loop
-never asks who it is before it logs."""
+TensorBoard event files (tensorboardX, else ``torch.utils.tensorboard`` where the
+``tensorboard`` package is installed, else none). Other ranks get silent stand-ins, so
+the loop never asks who it is before it logs."""
 from __future__ import annotations
 
 import sys
@@ -53,15 +54,37 @@ class Console:
         self.print(summary)
 
 
+def summary_writer_class():
+    """(SummaryWriter class, where it came from), or (None, why there is none): tensorboardX
+    (the pinned install), else PyTorch's own writer, which needs the ``tensorboard`` package
+    (a bare GPU machine's PyTorch often has that and not tensorboardX)."""
+    try:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter, "tensorboardX"
+    except ImportError:
+        pass
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter, "torch.utils.tensorboard"
+    except ImportError:
+        return None, "neither tensorboardX nor tensorboard is installed"
+
+
 class Board:
-    """TensorBoard scalars and histograms, written by rank 0 only."""
+    """TensorBoard scalars and histograms, written by rank 0 only. Without a writer package
+    the run goes on without event files, and rank 0 says so once."""
 
     def __init__(self, log_dir, enabled: bool, purge_step: int | None = None):
         self.writer = None
+        self.source = None
         if enabled:
-            from tensorboardX import SummaryWriter
-            # purge_step drops events a resumed run is about to write again
-            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+            writer_class, self.source = summary_writer_class()
+            if writer_class is None:
+                print(f"note: no TensorBoard event files for this run ({self.source}; "
+                      f"pip install tensorboardX or tensorboard to get them)", flush=True)
+            else:
+                # purge_step drops events a resumed run is about to write again
+                self.writer = writer_class(str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict) -> None:
         if self.writer is not None:

