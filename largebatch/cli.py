@@ -12,7 +12,8 @@ def main(entry: str, argv: list[str] | None = None) -> int:
     # First, before torch loads (seconds): a scheduler's stop signal during start-up is then
     # recorded and honoured at the first report instead of killing the process.
     stop = StopRequest()
-    from .engines import EngineError, launcher_rank  # imports torch
+    from .checkpoint import CheckpointWriteError
+    from .engines import EngineError, launcher_rank, lost_peer  # imports torch
     from .parallel import ShardingError
     prog = "pytorch_imagenet_resnet_dali.py" if entry == "dali" else "pytorch_imagenet_resnet.py"
     try:
@@ -25,8 +26,24 @@ def main(entry: str, argv: list[str] | None = None) -> int:
         if launcher_rank() == 0:
             print(f"{prog}: error: {flag}{e}", file=sys.stderr, flush=True)
         return 2
+    except CheckpointWriteError as e:
+        # Raised on every rank with rank 0's message (job.saver agrees on it): one says it.
+        if launcher_rank() == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except EngineError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:
+        # Another rank died (killed, out of memory, its node lost): the collective this rank
+        # was in fails. Its traceback says nothing about the cause, which is the dead rank's
+        # (and its launcher's) to tell; every other RuntimeError is a bug and keeps its traceback.
+        reason = lost_peer(e)
+        if reason is None:
+            raise
+        print(f"{prog}: error: rank {launcher_rank()} lost its connection to another process ({reason}); "
+              f"that process ended first (see its own message or the launcher's); continue the run from its "
+              f"last checkpoint with --resume auto", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)

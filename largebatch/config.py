@@ -18,6 +18,15 @@ from . import seeds
 from .argparsing import Parser, UsageError
 
 
+# The smallest --image-size. A ResNet's stem (a stride-2 convolution, then a stride-2
+# pooling) divides the size by 4: from 4 pixels down it leaves one pixel per channel, so
+# nothing of an image's shape reaches the residual stages, and the run trains, without any
+# complaint, to chance. 8 leaves 2x2 and is where images still hold shapes (scikit-learn's
+# digits are 8x8). Models that need more (most non-ResNets below 32, ViTs at anything but
+# their own size) are refused at start by model.check_input, which tries the size.
+MIN_IMAGE_SIZE = 8
+
+
 @dataclass(frozen=True)
 class DataConfig:
     train_dir: Path | None
@@ -223,7 +232,9 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
                    help="samples per epoch with --synthetic (validation: a quarter of it)")
     d.add_argument("--num-classes", type=_positive_int, default=None,
                    help="default: the number of class folders (1000 with --synthetic)")
-    d.add_argument("--image-size", type=_positive_int, default=224, help="training crop size")
+    d.add_argument("--image-size", type=_positive_int, default=224,
+                   help=f"training crop size, at least {MIN_IMAGE_SIZE} (a ResNet's stem divides it by 4); a size the "
+                        f"--model cannot take is refused at start")
     d.add_argument("--val-resize", type=_positive_int, default=None,
                    help="validation: resize the shorter side to this, then centre-crop "
                         "--image-size (default: image-size / 0.875)")
@@ -397,6 +408,9 @@ def _validate(cfg: Config, entry: str) -> None:
         raise UsageError("--synthetic trains on random tensors: drop --train-dir/--val-dir/--data-dir")
     if cfg.data.crop_scale[1] > 1:
         raise UsageError(f"--crop-scale upper bound must be at most 1, got {cfg.data.crop_scale[1]:g}")
+    if cfg.data.image_size < MIN_IMAGE_SIZE:
+        raise UsageError(f"--image-size {cfg.data.image_size} is below {MIN_IMAGE_SIZE}: too small to hold an image's "
+                         f"shape (a ResNet's stem divides it by 4), the run would train to chance")
     if cfg.data.val_resize < cfg.data.image_size:
         raise UsageError(f"--val-resize {cfg.data.val_resize} is smaller than --image-size {cfg.data.image_size}")
     if cfg.optim.warmup_epochs >= cfg.optim.epochs and cfg.optim.lr_schedule != "step":

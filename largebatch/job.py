@@ -23,7 +23,7 @@ from .config import Config
 from .files import atomic_write, clean_stale_temps
 from .engines import Engine, choose, init_engine, launcher_rank
 from .logs import Board, Console
-from .model import build_model
+from .model import build_model, check_input
 from .parallel import build_classifier
 from .precision import Precision
 from .profiling import StepProfiler
@@ -165,6 +165,8 @@ def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: 
     if model is None:
         torch.manual_seed(cfg.dist.seed)
         model = build_model(cfg.optim.model, num_classes)
+        check_input(model, cfg.optim.model, cfg.data.image_size, cfg.optim.batch_size,
+                    shared_bn=cfg.numerics.sync_bn and engine.size > 1)
     model = classifier.convert(model)  # before .to(device): the dense layer never reaches the GPU
     if cfg.numerics.sync_bn:
         model = engine.sync_batchnorm(model)

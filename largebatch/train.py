@@ -6,6 +6,7 @@ globals and asks no engine- or feature-specific questions.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,7 @@ import torch
 
 from .logs import Throughput
 from .metrics import Meter
+from .model import has_batchnorm
 from .state import TrainState
 
 
@@ -36,11 +38,12 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
     engine, pos = state.engine, state.position
     nonfinite_steps = 0
     device = next(state.model.parameters()).device
+    too_small = SmallBatches(2 if has_batchnorm(state.model) else 1)
     for epoch in range(pos.epoch, cfg.optim.epochs):
         state.model.train()
         meter, speed = Meter(device, state.classifier.hits), Throughput()
         hooks.console.start_epoch(epoch, cfg.optim.epochs, steps_per_epoch, pos.epoch_step)
-        batches = data.train(epoch, start_batch=pos.epoch_step * n_micro)
+        batches = too_small.skipped(data.train(epoch, start_batch=pos.epoch_step * n_micro))
         while pos.epoch_step < steps_per_epoch:
             micro_batches = [next(batches) for _ in range(n_micro)]
             lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on after it
@@ -75,6 +78,32 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
         if hooks.stop.agreed(engine):
             return "stopped"
     return "finished"
+
+
+class SmallBatches:
+    """Micro-batches that unreadable files shrank below ``min_images`` (batch norm in
+    training mode cannot normalise a single image: it fails at small sizes) are skipped like
+    an all-unreadable one, ``(None, None)``: this rank still runs a zero backward pass, so
+    the ranks stay in step. One warning per rank, the first time."""
+
+    def __init__(self, min_images: int):
+        self.min_images, self.count = min_images, 0
+
+    def skipped(self, batches):
+        try:
+            for images, labels in batches:
+                if images is not None and len(images) < self.min_images:
+                    self.count += 1
+                    if self.count == 1:
+                        print(f"warning: skipping a micro-batch left with {len(images)} readable image(s): batch norm "
+                              f"needs at least {self.min_images}; further ones are skipped without a warning",
+                              file=sys.stderr, flush=True)
+                    images = labels = None
+                yield images, labels
+        finally:
+            close = getattr(batches, "close", None)  # end the input's loader with this generator
+            if close is not None:
+                close()
 
 
 def train_step(state: TrainState, micro_batches, meter: Meter) -> None:

@@ -1,7 +1,8 @@
 """ImageFolder input (torchvision), tolerant of unreadable images.
 
 A file that cannot be decoded is dropped from its batch, counted, and reported once per
-file by rank-local warnings; the run goes on.
+file by rank-local warnings; the run goes on. A training class none of whose images can be
+decoded is refused at start (the run would otherwise train without it and say nothing).
 """
 from __future__ import annotations
 
@@ -80,6 +81,27 @@ def _open(root: Path | None, flag: str, transform) -> TolerantImageFolder:
         raise UsageError(f"{flag} {root}: {str(e).splitlines()[0]}") from None
 
 
+def _check_readable_classes(dataset: TolerantImageFolder, flag: str, root: Path, rank: int, size: int) -> None:
+    """Decode images of each class, in order, until one works; UsageError for a class with
+    none. Each rank probes every size-th class (job.build_input gathers what every rank
+    found), so a run normally decodes one image per class in all, whatever its size."""
+    paths: dict[int, list[str]] = {}
+    for path, target in dataset.samples:
+        paths.setdefault(target, []).append(path)
+    for target in range(rank, len(dataset.classes), size):
+        failure = None
+        for path in paths.get(target, []):
+            try:
+                dataset.loader(path)  # PIL: open and convert, which decodes the whole image
+                break
+            except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
+                failure = failure or f"{path}: {type(e).__name__}: {' '.join(str(e).split())}"
+        else:
+            found = len(paths.get(target, []))
+            raise UsageError(f"{flag} {root}: class {dataset.classes[target]!r} has no readable image ({found} "
+                             f"file(s), e.g. {failure}); fix or remove its folder")
+
+
 class FolderInput:
     """Training and validation batches from two ImageFolder trees."""
 
@@ -89,6 +111,7 @@ class FolderInput:
         self.train_set = _open(cfg.data.train_dir, "--train-dir", train_transform(cfg, uint8=on_gpu))
         self.val_set = _open(cfg.data.val_dir, "--val-dir", val_transform(cfg, uint8=on_gpu))
         same_classes(self.train_set.classes, self.val_set.classes, "--train-dir", "--val-dir")
+        _check_readable_classes(self.train_set, "--train-dir", cfg.data.train_dir, rank, size)
         self.num_classes = len(self.train_set.classes)
         if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:
             raise UsageError(f"--num-classes {cfg.data.num_classes} but {cfg.data.train_dir} has {self.num_classes} class folders")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Engine, EngineError, Gradients
+from .base import Engine, EngineError, Gradients, lost_peer
 
 
 def choose(name: str) -> tuple[str, str]:
@@ -49,4 +49,4 @@ def launcher_rank() -> int:
     return 0
 
 
-__all__ = ["Engine", "EngineError", "Gradients", "choose", "init_engine", "launcher_rank"]
+__all__ = ["Engine", "EngineError", "Gradients", "choose", "init_engine", "launcher_rank", "lost_peer"]

@@ -9,6 +9,7 @@ context for each micro-batch's backward pass, "reduce this step's gradients", an
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,21 @@ import torch
 
 class EngineError(RuntimeError):
     """The engine is missing or was built without something the run asks for."""
+
+
+# What Gloo's TCP transport says when the process at the other end of a connection is gone:
+# "[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:27024. This is ..."
+_PEER_GONE = re.compile(r"gloo/transport/\S+\] (?P<what>.*?(?:Connection closed by peer|Connection reset by peer|"
+                        r"Broken pipe).*?)(?:\. |\.?$)", re.S)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The one-line reason when ``error`` is a collective failing because another rank's
+    process went away (killed, crashed); None for anything else."""
+    if not isinstance(error, RuntimeError):
+        return None
+    m = _PEER_GONE.search(str(error))
+    return " ".join(m["what"].split()) if m else None
 
 
 def carrier(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from helpers import FAST, run_job
+from helpers import run_job
 from test_training import job_args
 
 

@@ -49,6 +49,8 @@ def test_boolean_flags_have_negations():
     (BASE + ["--resume", "/no/such/file.pt"], "no such checkpoint file"),
     (BASE + ["--crop-scale", "0.5"], "LOW,HIGH"),
     (BASE + ["--image-size", "64", "--val-resize", "32"], "smaller than --image-size"),
+    (BASE + ["--image-size", "1"], "--image-size 1 is below 8"),
+    (BASE + ["--image-size", "7", "--val-resize", "8"], "train to chance"),
     (BASE + ["--momentum", "1.5"], "below 1"),
     (BASE + ["--base-op", "adam"], "invalid choice"),
 ])
@@ -57,3 +59,7 @@ def test_bad_flags_give_one_line_errors(argv, message):
         parse_config(argv)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_smallest_image_size_is_accepted():
+    assert parse_config(BASE + ["--image-size", "8"]).data.image_size == 8
