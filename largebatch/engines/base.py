@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -78,9 +79,9 @@ class Engine:
     size: int
     local_rank: int
     local_size: int
-    name = "none"
+    name: ClassVar[str] = "none"
     # Optional capabilities, named as the job asks for them ("adasum", "timeline").
-    features: frozenset[str] = frozenset()
+    features: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def is_main(self) -> bool:

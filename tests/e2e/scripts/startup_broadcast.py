@@ -26,8 +26,16 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def parameters(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def buffers(model):
+    return {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
 def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def main():
@@ -41,7 +49,7 @@ def main():
     assert not state.optimizer.state, "start-up created optimizer state"
     # resume: one step creates momentum buffers, the job's store writes the checkpoint
     images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    torch.nn.functional.cross_entropy(state.model(images), labels).backward()
+    torch.nn.functional.cross_entropy(state.gradients.module(images), labels).backward()
     state.gradients.reduce()
     state.gradients.step()
     state.position.epoch, state.position.step = 1, 5
@@ -49,12 +57,16 @@ def main():
     if engine.is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
         checkpoints(cfg).save(checkpoint, epoch_end=True)
-    saved = engine.broadcast_object(snapshot(state.model), name="saved")
+    # Weights are rank 0's; batch norm's running statistics are each rank's own, and a resume
+    # at the same world size gives each rank its own back.
+    saved = engine.broadcast_object(parameters(state.model), name="saved")
+    own_buffers = buffers(state.model)
     engine.barrier()
     cfg, state = build(engine, log_dir)
     state.start(read_checkpoint(cfg, engine))
     assert (state.position.epoch, state.position.step) == (1, 5), state.position
-    assert same(snapshot(state.model), saved), f"rank {engine.rank}: resumed weights differ from the checkpoint's"
+    assert same(parameters(state.model), saved), f"rank {engine.rank}: resumed weights differ from the checkpoint's"
+    assert same(buffers(state.model), own_buffers), f"rank {engine.rank}: resumed BN statistics are not its own"
     assert len(state.optimizer.state) > 0, "momentum buffers were not restored"
     emit(rank=engine.rank, fresh_equal=True, resumed_equal=True)
 
