@@ -85,15 +85,7 @@ def run_evaluation(cfg: Config, entry: str, engine: Engine, device: torch.device
     lock and writes nothing, so it may look at a run that is still training."""
     data = build_input(cfg, entry, engine, device)
     console = Console(engine.is_main, cfg.output.progress)
-    found, problem = None, ""
-    if engine.is_main:
-        try:
-            found = find_weights(cfg, data.num_classes)
-        except UsageError as e:
-            problem = str(e)
-    problem = engine.broadcast_object(problem, name="evaluate_check")
-    if problem:
-        raise UsageError(problem)
+    found = on_rank_0(engine, lambda: find_weights(cfg, data.num_classes), name="evaluate_check")
     configure_determinism(cfg.numerics.deterministic, cfg.dist.seed + engine.rank)
     state = build_state(cfg, engine, device, data.num_classes,
                         max(1, data.batches_per_epoch // cfg.optim.batches_per_allreduce),
@@ -142,16 +134,9 @@ def initial_model(cfg: Config, engine: Engine, num_classes: int) -> torch.nn.Mod
     problem on any rank stops all of them); else None: build_state builds it fresh."""
     if not cfg.optim.pretrained:
         return None
-    problem, model = "", None
     torch.manual_seed(cfg.dist.seed)  # a classifier that does not fit the weights starts as a fresh one would
-    try:
-        model = build_model(cfg.optim.model, num_classes, pretrained=True)
-    except UsageError as e:
-        problem = str(e)
-    problems = [p for p in engine.allgather_object(problem, name="pretrained_check") if p]
-    if problems:
-        raise UsageError(problems[0])
-    return model
+    return on_every_rank(engine, lambda: build_model(cfg.optim.model, num_classes, pretrained=True),
+                         name="pretrained_check")
 
 
 def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: int, steps_per_epoch: int,
@@ -226,16 +211,7 @@ def saver(cfg: Config, board: Board):
 def read_checkpoint(cfg: Config, engine: Engine) -> dict | None:
     """Rank 0 finds and reads the checkpoint to resume from (None: start fresh; None on the
     other ranks); a problem stops every rank."""
-    state, problem = None, ""
-    if engine.is_main:
-        try:
-            state = find_checkpoint(cfg)
-        except UsageError as e:
-            problem = str(e)
-    problem = engine.broadcast_object(problem, name="resume_check")
-    if problem:
-        raise UsageError(problem)
-    return state
+    return on_rank_0(engine, lambda: find_checkpoint(cfg), name="resume_check")
 
 
 def start_engine(cfg: Config) -> Engine:
@@ -284,45 +260,64 @@ def prepare_run_dir(log_dir: Path, engine: Engine) -> RunLock | None:
     """On rank 0: create the run directory, prove it writable, hold it for this run (a lock
     a second run is refused by) and remove temporary files of killed writers. Every rank
     learns of a problem. Returns rank 0's lock (None elsewhere), held until the process ends."""
-    problem, lock = "", None
-    if engine.is_main:
+    def claim() -> RunLock:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             probe = log_dir / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
-            lock = RunLock(log_dir).acquire()
-            for stale in clean_stale_temps(log_dir):
-                print(f"removed {stale.name}, left by a killed writer", flush=True)
         except OSError as e:
-            problem = f"--log-dir {log_dir} is not writable ({e.strerror or e})"
-        except UsageError as e:
-            problem = str(e)
-    problem = engine.broadcast_object(problem, name="run_dir_check")
-    if problem:
-        raise UsageError(problem)
-    return lock
+            raise UsageError(f"--log-dir {log_dir} is not writable ({e.strerror or e})") from None
+        lock = RunLock(log_dir).acquire()
+        for stale in clean_stale_temps(log_dir):
+            print(f"removed {stale.name}, left by a killed writer", flush=True)
+        return lock
+
+    return on_rank_0(engine, claim, name="run_dir_check")
 
 
 def build_input(cfg: Config, entry: str, engine: Engine, device: torch.device):
     """Every rank opens the data; a problem found by any rank stops all of them."""
-    problem, data = "", None
-    try:
+    def open_input():
         if cfg.data.synthetic:
             from .data.synthetic import SyntheticInput
-            data = SyntheticInput(cfg, engine.rank, engine.size, device)
-        elif entry == "dali":
+            return SyntheticInput(cfg, engine.rank, engine.size, device)
+        if entry == "dali":
             from .data.dali import DaliInput
-            data = DaliInput(cfg, engine.rank, engine.size, device)
-        else:
-            from .data.folder import FolderInput
-            data = FolderInput(cfg, engine.rank, engine.size, device)
+            return DaliInput(cfg, engine.rank, engine.size, device)
+        from .data.folder import FolderInput
+        return FolderInput(cfg, engine.rank, engine.size, device)
+
+    return on_every_rank(engine, open_input, name="data_check")
+
+
+def on_rank_0(engine: Engine, work, name: str):
+    """``work()`` on rank 0 (None elsewhere); its UsageError stops every rank with the same
+    line, so no rank is left waiting in a collective."""
+    result, problem = None, ""
+    if engine.is_main:
+        try:
+            result = work()
+        except UsageError as e:
+            problem = str(e)
+    problem = engine.broadcast_object(problem, name=name)
+    if problem:
+        raise UsageError(problem)
+    return result
+
+
+def on_every_rank(engine: Engine, work, name: str):
+    """``work()`` on every rank; a UsageError on any of them stops all of them, with the
+    first rank's line."""
+    result, problem = None, ""
+    try:
+        result = work()
     except UsageError as e:
         problem = str(e)
-    problems = [p for p in engine.allgather_object(problem, name="data_check") if p]
+    problems = [p for p in engine.allgather_object(problem, name=name) if p]
     if problems:
         raise UsageError(problems[0])
-    return data
+    return result
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
