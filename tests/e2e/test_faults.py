@@ -392,8 +392,7 @@ def test_survivor_of_a_killed_rank_says_so_in_one_line(digits, tmp_path, backgro
 # --- SIGTERM to the launcher ---------------------------------------------------------------------
 
 LAUNCHERS = {
-    "mpirun": [MPIRUN, "-np", "2", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x",
-               "PYTHONUNBUFFERED", PYTHON],
+    "mpirun": [MPIRUN, "-np", "2", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED", PYTHON],
     "torchrun": TORCHRUN,
     "horovodrun": [str(ROOT / ".venv" / "bin" / "horovodrun"), "-np", "2", PYTHON],
 }
