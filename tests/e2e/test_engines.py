@@ -31,8 +31,9 @@ def max_difference(a: dict, b: dict) -> float:
 
 def test_same_seed_same_weights_on_both_engines(digits, tmp_path):
     """Two processes, one epoch of LARS from the same seed, under each engine. The engines
-    sum in different orders ((a + b) / 2 against a / 2 + b / 2), so the weights agree to
-    float rounding, not bit for bit; the bound below is what that allows after 10 steps."""
+    sum in different orders ((a + b) / 2 against a / 2 + b / 2), which two processes make
+    exact (halving is exact; measured: identical weights) but more need not, so the bound
+    allows float rounding after 10 steps."""
     args = ["--epochs", "1", "--warmup-epochs", "0.5", "--base-op", "lars", "--seed", "5"]
     run_job(job_args(digits, tmp_path / "hvd", *args, "--engine", "horovod"))
     proc = run_job(job_args(digits, tmp_path / "torch", *args, "--engine", "torch"))
