@@ -49,6 +49,19 @@ def carried(collective, tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out.to(tensor.dtype) if out.dtype != tensor.dtype else out
 
 
+def shard_sizes(total: int, parts: int) -> list[int]:
+    """Rows (classes or features) held by each of ``parts`` ranks: the first ``total % parts``
+    hold one more: how every engine's reducescatter splits, and so the model-parallel layout."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if r < extra else 0) for r in range(parts)]
+
+
+def shard_range(total: int, parts: int, rank: int) -> tuple[int, int]:
+    sizes = shard_sizes(total, parts)
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
 class Gradients:
     """How one optimizer step's gradients are averaged across ranks. The training step:
 

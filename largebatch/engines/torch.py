@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import Engine, EngineError, Gradients, carrier
+from .base import Engine, EngineError, Gradients, carrier, shard_range
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
@@ -194,7 +194,6 @@ class TorchEngine(Engine):
 
     def reducescatter_sum(self, tensor, name):
         # Gloo has no reduce-scatter; a full sum and this rank's slice are exact and simple.
-        from ..parallel.layer import shard_range
         total = self.allreduce_sum(tensor, name)
         start, end = shard_range(tensor.shape[0], self.size, self.rank)
         return total[start:end]

@@ -12,23 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engines.base import shard_range, shard_sizes  # the engines' split rule, which the layout follows
+
 
 class ShardingError(ValueError):
     """The layer cannot be split as asked (too few classes or features for the ranks, or a
     checkpoint that does not fit). The command line words it as a flag error."""
-
-
-def shard_sizes(total: int, parts: int) -> list[int]:
-    """Rows (classes or features) held by each of ``parts`` ranks: the first ``total % parts``
-    hold one more. The engines' reducescatter splits this way too, which ``dim=0`` relies on."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if r < extra else 0) for r in range(parts)]
-
-
-def shard_range(total: int, parts: int, rank: int) -> tuple[int, int]:
-    sizes = shard_sizes(total, parts)
-    start = sum(sizes[:rank])
-    return start, start + sizes[rank]
 
 
 def gather_rows(tensor: torch.Tensor, engine, name: str) -> tuple[torch.Tensor, int]:
