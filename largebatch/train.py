@@ -38,7 +38,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
     engine, pos = state.engine, state.position
     nonfinite_steps = 0
     device = next(state.model.parameters()).device
-    too_small = SmallBatches(2 if has_batchnorm(state.model) else 1)
+    too_small = SmallBatches(2 if has_batchnorm(state.model) else 1, cfg.data.image_size, device)
     for epoch in range(pos.epoch, cfg.optim.epochs):
         state.model.train()
         meter, speed = Meter(device, state.classifier.hits), Throughput()
@@ -81,25 +81,33 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
 
 
 class SmallBatches:
-    """Micro-batches that unreadable files shrank below ``min_images`` (batch norm in
-    training mode cannot normalise a single image: it fails at small sizes) are skipped like
-    an all-unreadable one, ``(None, None)``: this rank still runs a zero backward pass, so
-    the ranks stay in step. One warning per rank, the first time."""
+    """Every rank takes part in every micro-batch: DDP reduces only after a forward pass
+    through it, and a sharded classifier is a collective. A micro-batch with no readable
+    image, ``(None, None)``, or one that unreadable files shrank below ``min_images`` (batch
+    norm in training mode cannot normalise a single image) becomes an empty one: zero rows,
+    which pass forward and backward without moving batch-norm statistics. One warning per
+    rank, the first time one is shrunk."""
 
-    def __init__(self, min_images: int):
+    def __init__(self, min_images: int, image_size: int, device: torch.device):
         self.min_images, self.count = min_images, 0
+        self.empty = (torch.zeros((0, 3, image_size, image_size), device=device),
+                      torch.zeros(0, dtype=torch.long, device=device))
 
     def skipped(self, batches):
         try:
             for images, labels in batches:
-                if images is not None and len(images) < self.min_images:
+                if images is not None and 0 < len(images) < self.min_images:
                     self.count += 1
                     if self.count == 1:
                         print(f"warning: skipping a micro-batch left with {len(images)} readable image(s): batch norm "
                               f"needs at least {self.min_images}; further ones are skipped without a warning",
                               file=sys.stderr, flush=True)
-                    images = labels = None
-                yield images, labels
+                    images = None
+                if images is None:
+                    yield self.empty
+                else:
+                    self.empty = images[:0], labels[:0]  # the input's own layout and dtype from now on
+                    yield images, labels
         finally:
             close = getattr(batches, "close", None)  # end the input's loader with this generator
             if close is not None:
@@ -113,16 +121,14 @@ def train_step(state: TrainState, micro_batches, meter: Meter) -> None:
     concatenated batch. Gradients are averaged across ranks, then unscaled, then stepped,
     so LARS sees true fp32 gradients.
     """
-    model, precision, gradients = state.model, state.precision, state.gradients
+    precision, gradients = state.precision, state.gradients
     nonfinite = torch.zeros((), device=meter.sums.device)
     for i, (images, labels) in enumerate(micro_batches):
         with gradients.backward(last=i == len(micro_batches) - 1):
-            if images is None:
-                # Every image of this micro-batch was unreadable; the backward pass still has
-                # to run so that the engine's count of passes stays in step with the other ranks.
-                precision.backward(sum(p.sum() * 0.0 for p in model.parameters()))
-                continue
             logits = precision.forward(gradients.module, images)
+            if len(labels) == 0:  # nothing readable here (SmallBatches): take part with zero gradients
+                precision.backward(logits.float().sum() * 0.0)
+                continue
             loss = state.criterion(logits.float(), labels)
             precision.backward(loss / len(micro_batches))
             meter.add(loss, logits, labels)

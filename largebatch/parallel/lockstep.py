@@ -5,8 +5,8 @@ import torch
 
 
 class LockstepInput:
-    """Wraps an input object (same interface) so that every rank runs every batch: the
-    sharded head is a collective, so a rank cannot skip one. A micro-batch with no readable
+    """Wraps an input object (same interface) so that every rank runs every validation batch:
+    the sharded head is a collective, so a rank cannot skip one. A batch with no readable
     image becomes an empty one (zero rows), and validation goes on with empty batches on
     ranks that have run out until every rank has (their shares may differ by a batch)."""
 
@@ -28,17 +28,8 @@ class LockstepInput:
         return images[:0], labels[:0]
 
     def train(self, epoch: int, start_batch: int = 0):
-        # Every rank runs the same number of training batches; only unreadable ones need filling.
-        batches, last = self.data.train(epoch, start_batch=start_batch), None
-        try:
-            for images, labels in batches:
-                if images is None:
-                    images, labels = self._empty(last)
-                else:
-                    last = images, labels
-                yield images, labels
-        finally:
-            batches.close()
+        # Every rank already runs every training micro-batch: the loop (train.SmallBatches).
+        return self.data.train(epoch, start_batch=start_batch)
 
     def val(self):
         batches, last = iter(self.data.val()), None

@@ -202,9 +202,11 @@ def test_damaged_newest_checkpoint_resumes_from_the_older_one(straight, digits, 
 
 def test_second_run_into_the_same_directory_is_refused(digits, tmp_path, background):
     run_dir = tmp_path / "run"
-    args = job_args(digits, run_dir, "--epochs", "2")
+    # Far more epochs than the test lets it run: the first run must still hold the lock when the
+    # second starts, however slowly a loaded machine starts the second's ranks.
+    args = job_args(digits, run_dir, "--epochs", "1000")
     first = background(mpi_command(2, TRAIN, args), run_dir)
-    first.wait_for("epoch 1/2 step 1/")  # training: the lock is held
+    first.wait_for("epoch 1/1000 step 1/")  # training: the lock is held
     holder = json.loads((run_dir / ".lock").read_text())
     assert holder["pid"] in rank_pids(str(run_dir)).values()
 
@@ -212,8 +214,10 @@ def test_second_run_into_the_same_directory_is_refused(digits, tmp_path, backgro
     assert_usage_error(second, f"--log-dir {run_dir} is in use by a run on host {socket.gethostname()}, "
                                f"pid {holder['pid']}, started {holder['started']}")
     assert len(error_lines(second.stderr)) == 1, second.stderr
+    assert not first.done, "the first run ended before the second was refused: the test proved nothing"
+    assert signal_ranks(str(run_dir), signal.SIGTERM) == 2
     assert first.finish() == 0, first.output
-    assert status(run_dir)["state"] == "finished"
+    assert status(run_dir)["state"] == "stopped"  # the first run's own stop, untouched by the second
 
 
 def test_run_killed_with_sigkill_leaves_no_lock_behind(digits, tmp_path, background):
@@ -354,23 +358,25 @@ def test_batch_of_one_image_is_refused_with_batch_norm(digits, tmp_path):
     assert_usage_error(proc, "--batch-size 1 cannot train resnet18", "--batch-size 2 or more")
 
 
-def test_batch_shrunk_to_one_image_is_skipped(digits, tmp_path):
-    """15 of the 16 images of rank 0's first batch unreadable: batch norm cannot train on
-    the one left (at 16 pixels, a traceback), so that batch is skipped with one warning,
-    and the ranks stay in step to the end."""
+def test_unreadable_and_shrunk_batches_keep_the_ranks_in_step(digits, tmp_path, engine):
+    """Rank 0's first micro-batch all unreadable, its second shrunk to one image (batch norm
+    cannot train on one: at 16 pixels, a traceback). Both run as empty batches, with one
+    warning for the shrunk one, and every engine's reduction stays in step to the end (DDP
+    reduces only after a forward pass through it: a rank that skipped it hung the others)."""
     data = tmp_path / "data"
     shutil.copytree(digits, data)
     samples = datasets.ImageFolder(str(data / "train")).samples
-    first_batch = TrainShard(len(samples), rank=0, size=2, seed=7, epoch=0).indices[:16]
-    for index in first_batch[1:]:
+    batches = TrainShard(len(samples), rank=0, size=2, seed=7, epoch=0).indices
+    for index in [*batches[:16], *batches[17:32]]:
         Path(samples[index][0]).write_bytes(b"not an image")
 
     run_dir = tmp_path / "run"
-    proc = run_job(job_args(data, run_dir, "--epochs", "1", "--seed", "7"))
+    proc = run_job(job_args(data, run_dir, "--epochs", "1", "--seed", "7", "--engine", engine), timeout=300)
     warnings = [line for line in proc.stderr.splitlines() if "skipping a micro-batch" in line]
     assert len(warnings) == 1 and "left with 1 readable image(s)" in warnings[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert status(run_dir)["state"] == "finished"
+    assert checkpoint.all_finite(checkpoint.load(run_dir / "checkpoint-1.pth.tar"))
 
 
 # --- a rank that dies ----------------------------------------------------------------------------
