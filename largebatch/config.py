@@ -107,12 +107,20 @@ class NumericsConfig:
 class DistConfig:
     engine: str
     fp16_allreduce: bool
+    bf16_allreduce: bool
     use_adasum: bool
     gradient_predivide_factor: float
     no_cuda: bool
     seed: int
     enable_model_parallel: bool
     model_parallel_dim: int
+
+    @property
+    def compression(self):
+        """The dtype gradients travel in (None: as they are)."""
+        import torch  # config stays importable without torch for --help
+
+        return torch.float16 if self.fp16_allreduce else torch.bfloat16 if self.bf16_allreduce else None
 
 
 @dataclass(frozen=True)
@@ -305,6 +313,8 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
                    help="auto: torch under torchrun, Horovod under mpirun/horovodrun/srun where it imports, "
                         "else torch")
     h.add_argument("--fp16-allreduce", action=bool_flag, default=False, help="compress gradients to fp16 for allreduce")
+    h.add_argument("--bf16-allreduce", action=bool_flag, default=False,
+                   help="compress gradients to bf16 for allreduce (fp32's range, fewer digits; torch engine)")
     h.add_argument("--use-adasum", action=bool_flag, default=False, help="Adasum instead of averaging")
     h.add_argument("--gradient-predivide-factor", type=_positive_float, default=1.0,
                    help="divide gradients by this before the allreduce and by size/this after")
@@ -417,6 +427,8 @@ def _validate(cfg: Config, entry: str) -> None:
         raise UsageError(f"--warmup-epochs {cfg.optim.warmup_epochs:g} must be less than --epochs {cfg.optim.epochs}")
     if cfg.optim.lr_schedule == "poly" and cfg.optim.end_lr > cfg.optim.base_lr:
         raise UsageError(f"--end-lr {cfg.optim.end_lr:g} is above --base-lr {cfg.optim.base_lr:g}")
+    if cfg.dist.fp16_allreduce and cfg.dist.bf16_allreduce:
+        raise UsageError("--fp16-allreduce and --bf16-allreduce cannot be combined: pick one")
     if cfg.dist.use_adasum and cfg.dist.gradient_predivide_factor != 1.0:
         raise UsageError("--gradient-predivide-factor cannot be combined with --use-adasum")
     if cfg.optim.momentum >= 1:

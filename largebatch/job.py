@@ -158,7 +158,7 @@ def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: 
     precision = Precision(device, cfg.numerics.policy, cfg.numerics.channels_last)
     model = precision.prepare(model.to(device))
     gradients = engine.gradients(build_optimizer(cfg, model, cfg.lr(engine.size)), model,
-                                 micro_batches=cfg.optim.batches_per_allreduce, fp16_allreduce=cfg.dist.fp16_allreduce,
+                                 micro_batches=cfg.optim.batches_per_allreduce, compression=cfg.dist.compression,
                                  adasum=cfg.dist.use_adasum, predivide=cfg.dist.gradient_predivide_factor,
                                  exclude=classifier.owned(model))
     optimizer = gradients.optimizer
@@ -220,9 +220,11 @@ def start_engine(cfg: Config) -> Engine:
         print(note, flush=True)
     engine = init_engine(name, timeline=cfg.numerics.timeline, use_gpu=not cfg.dist.no_cuda)
     for flag, feature, wanted in (("--use-adasum", "adasum", cfg.dist.use_adasum),
-                                  ("--timeline", "timeline", cfg.numerics.timeline)):
+                                  ("--timeline", "timeline", cfg.numerics.timeline),
+                                  ("--bf16-allreduce", "bf16_allreduce", cfg.dist.bf16_allreduce)):
         if wanted and feature not in engine.features:
-            raise UsageError(f"{flag} needs the Horovod engine (this run uses the {engine.name} engine)")
+            other = "torch" if engine.name == "horovod" else "Horovod"
+            raise UsageError(f"{flag} needs the {other} engine (this run uses the {engine.name} engine)")
     return engine
 
 

@@ -93,7 +93,7 @@ class Engine:
     local_rank: int
     local_size: int
     name: ClassVar[str] = "none"
-    # Optional capabilities, named as the job asks for them ("adasum", "timeline").
+    # Optional capabilities, named as the job asks for them ("adasum", "timeline", "bf16_allreduce").
     features: ClassVar[frozenset[str]] = frozenset()
 
     @property
@@ -112,10 +112,12 @@ class Engine:
         raise NotImplementedError
 
     def gradients(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, micro_batches: int,
-                  fp16_allreduce: bool, adasum: bool, predivide: float,
+                  compression: torch.dtype | None, adasum: bool, predivide: float,
                   exclude: frozenset[str] = frozenset()) -> Gradients:
         """Average the gradients of ``model``'s parameters (those not in ``exclude``, which each
-        rank owns) once per ``micro_batches`` backward passes, for ``optimizer``."""
+        rank owns) once per ``micro_batches`` backward passes, for ``optimizer``, sent as
+        ``compression`` (torch.float16, torch.bfloat16 where the engine has "bf16_allreduce")
+        or as they are (None)."""
         raise NotImplementedError
 
     def sync_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -87,7 +87,7 @@ class HorovodEngine(Engine):
         self._each_async(((n, t) for n, t in model.named_buffers() if t.is_floating_point()),
                          lambda c, n: hvd.allreduce_async_(c, op=hvd.Average, name=f"buf.{n}"))
 
-    def gradients(self, optimizer, model, *, micro_batches, fp16_allreduce, adasum, predivide,
+    def gradients(self, optimizer, model, *, micro_batches, compression, adasum, predivide,
                   exclude=frozenset()) -> Gradients:
         hvd = _horovod()
         # Horovod hooks an allreduce onto every named parameter that requires grad when the
@@ -99,7 +99,7 @@ class HorovodEngine(Engine):
             wrapped = hvd.DistributedOptimizer(
                 optimizer,
                 named_parameters=list(model.named_parameters()),
-                compression=_carried_compression(hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none),
+                compression=_carried_compression(hvd.Compression.fp16 if compression == torch.float16 else hvd.Compression.none),
                 backward_passes_per_step=micro_batches,
                 op=hvd.Adasum if adasum else hvd.Average,
                 gradient_predivide_factor=predivide,

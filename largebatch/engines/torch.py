@@ -96,6 +96,7 @@ class TorchGradients(Gradients):
 
 class TorchEngine(Engine):
     name = "torch"
+    features = frozenset({"bf16_allreduce"})
 
     def __init__(self, rank, size, local_rank, local_size, device_type: str = "cpu"):
         super().__init__(rank, size, local_rank, local_size)
@@ -129,7 +130,7 @@ class TorchEngine(Engine):
             c.div_(self.size)
         self._each((t for _, t in model.named_buffers() if t.is_floating_point()), average)
 
-    def gradients(self, optimizer, model, *, micro_batches, fp16_allreduce, adasum, predivide,
+    def gradients(self, optimizer, model, *, micro_batches, compression, adasum, predivide,
                   exclude=frozenset()) -> Gradients:
         if exclude:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(exclude))
@@ -140,9 +141,8 @@ class TorchEngine(Engine):
                           else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None,
                                       **no_buffer_sync)
-        dtype = torch.float16 if fp16_allreduce else None
-        if dtype is not None or predivide != 1.0:
-            ddp.register_comm_hook((predivide, self.size, dtype), _compression_hook)
+        if compression is not None or predivide != 1.0:
+            ddp.register_comm_hook((predivide, self.size, compression), _compression_hook)
         return TorchGradients(optimizer, ddp)
 
     def sync_batchnorm(self, model):

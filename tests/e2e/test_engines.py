@@ -8,9 +8,10 @@ import subprocess
 
 import pytest
 
-from helpers import PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, run_and_signal, run_job
+from helpers import (PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, results, run_and_signal,
+                     run_job, run_mpi_script)
 from test_bad_input import assert_usage_error
-from test_training import job_args
+from test_training import SCRIPTS, job_args
 
 pytestmark = pytest.mark.mpi
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
@@ -98,13 +99,28 @@ def test_torch_engine_never_imports_horovod(digits, tmp_path):
     assert latest_checkpoint(tmp_path / "auto")["engine"] == "torch"
 
 
-@pytest.mark.parametrize("flags, fragment", [(["--use-adasum"], "--use-adasum"),
-                                             (["--prof", "2", "--timeline"], "--timeline")])
-def test_horovod_only_flags_are_refused_under_torch(flags, fragment, tmp_path):
+@pytest.mark.parametrize("engine_name, flags, fragment", [
+    ("torch", ["--use-adasum"], "--use-adasum needs the Horovod engine"),
+    ("torch", ["--prof", "2", "--timeline"], "--timeline needs the Horovod engine"),
+    ("horovod", ["--bf16-allreduce"], "--bf16-allreduce needs the torch engine")])
+def test_flags_of_one_engine_are_refused_under_the_other(engine_name, flags, fragment, tmp_path):
     proc = run_job(["--synthetic", "--synthetic-size", "64", "--model", "resnet18", "--image-size", "16",
                     "--val-resize", "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
-                    "--engine", "torch", "--log-dir", tmp_path / "run", *flags], np=2, check=False, timeout=120)
-    assert_usage_error(proc, fragment, "Horovod engine")
+                    "--engine", engine_name, "--log-dir", tmp_path / "run", *flags], np=2, check=False, timeout=120)
+    assert_usage_error(proc, fragment)
+
+
+def test_compressed_and_predivided_gradients_are_the_average(engine):
+    """--fp16-allreduce, --bf16-allreduce (torch engine) and --gradient-predivide-factor,
+    against the exact average of both ranks' gradients: uncompressed, to fp32 rounding;
+    compressed, within the dtype's rounding and not exact (the values did travel narrowed)."""
+    bound = {"none": 1e-6, "fp16": 2 ** -10, "bf16": 2 ** -7}  # twice each type's unit roundoff
+    reports = results(run_mpi_script(SCRIPTS / "compression.py", engine=engine).stdout)
+    expected = {"none", "fp16", "bf16"} if engine == "torch" else {"none", "fp16"}
+    assert {r["compression"] for r in reports} == expected and len(reports) == 2 * 2 * len(expected), reports
+    for r in reports:
+        assert r["error"] <= bound[r["compression"]], r
+        assert r["compression"] == "none" or r["error"] > 0, r
 
 
 def test_torchrun_selects_the_torch_engine_and_python_m_launch_works(digits, tmp_path):

@@ -44,6 +44,7 @@ def test_boolean_flags_have_negations():
     (BASE + ["--train-dir", "/x"], "--synthetic trains on random tensors"),
     (BASE + ["--warmup-epochs", "10"], "must be less than --epochs"),
     (BASE + ["--use-adasum", "--gradient-predivide-factor", "2"], "cannot be combined"),
+    (BASE + ["--fp16-allreduce", "--bf16-allreduce"], "--fp16-allreduce and --bf16-allreduce cannot be combined"),
     (BASE + ["--checkpoint-format", "ckpt.pt"], "{epoch}"),
     (BASE + ["--checkpoint-format", "ckpt-{epoch}-{oops}.pt"], "not a valid template"),
     (BASE + ["--resume", "/no/such/file.pt"], "no such checkpoint file"),
