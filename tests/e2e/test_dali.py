@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import FAST, PYTHON, ROOT, TRAIN, TRAIN_DALI, env, latest_checkpoint, mpi_command, results, run_and_signal, run_job, run_mpi_script
+from helpers import FAST, MODEL, PYTHON, ROOT, TRAIN, TRAIN_DALI, env, latest_checkpoint, mpi_command, results, run_and_signal, run_job, run_mpi_script
 from largebatch.config import UsageError, parse_config
 from largebatch.data import tfrecord
 from largebatch.data.dali import DaliInput
@@ -21,7 +21,7 @@ from largebatch.events import read_scalars
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SMALL = ["--image-size", "16", "--val-resize", "16", "--batch-size", "16", "--val-batch-size", "32",
-         "--model", "resnet18", "--dali-device", "cpu", "--dali-threads", "2"]
+         "--model", MODEL, "--dali-device", "cpu", "--dali-threads", "2"]
 
 
 def convert(src: Path, out: Path, *extra, check: bool = True) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import (PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, results, run_and_signal,
+from helpers import (MODEL, PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, results, run_and_signal,
                      run_job, run_mpi_script)
 from test_bad_input import assert_usage_error
 from test_training import SCRIPTS, job_args
@@ -104,7 +104,7 @@ def test_torch_engine_never_imports_horovod(digits, tmp_path):
     ("torch", ["--prof", "2", "--timeline"], "--timeline needs the Horovod engine"),
     ("horovod", ["--bf16-allreduce"], "--bf16-allreduce needs the torch engine")])
 def test_flags_of_one_engine_are_refused_under_the_other(engine_name, flags, fragment, tmp_path):
-    proc = run_job(["--synthetic", "--synthetic-size", "64", "--model", "resnet18", "--image-size", "16",
+    proc = run_job(["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16",
                     "--val-resize", "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
                     "--engine", engine_name, "--log-dir", tmp_path / "run", *flags], np=2, check=False, timeout=120)
     assert_usage_error(proc, fragment)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import (MPIRUN, PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, run_and_signal, run_job,
+from helpers import (MODEL, MPIRUN, PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, run_and_signal, run_job,
                      signal_ranks)
 from largebatch import checkpoint
 from largebatch.data.sampler import TrainShard
@@ -355,7 +355,7 @@ def test_class_without_a_readable_image_is_refused(digits, tmp_path):
 
 def test_batch_of_one_image_is_refused_with_batch_norm(digits, tmp_path):
     proc = run_job(job_args(digits, tmp_path / "run", "--epochs", "1", "--batch-size", "1"), check=False, timeout=300)
-    assert_usage_error(proc, "--batch-size 1 cannot train resnet18", "--batch-size 2 or more")
+    assert_usage_error(proc, f"--batch-size 1 cannot train {MODEL}", "--batch-size 2 or more")
 
 
 def test_unreadable_and_shrunk_batches_keep_the_ranks_in_step(digits, tmp_path, engine):

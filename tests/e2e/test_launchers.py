@@ -4,12 +4,12 @@ import subprocess
 
 import pytest
 
-from helpers import PYTHON, ROOT, TRAIN, env
+from helpers import MODEL, PYTHON, ROOT, TRAIN, env
 
 # Every test starts the job with horovodrun.
 pytestmark = pytest.mark.mpi
 
-SMOKE = ["--synthetic", "--synthetic-size", "64", "--model", "resnet18", "--image-size", "16",
+SMOKE = ["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16",
          "--val-resize", "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--print-freq", "1"]
 
 

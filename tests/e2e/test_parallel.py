@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import latest_checkpoint, load_checkpoint, results, run_job, run_mpi_script
+from helpers import MODEL, latest_checkpoint, load_checkpoint, results, run_job, run_mpi_script
 from largebatch.config import parse_config
 from largebatch.data.folder import val_transform
 from largebatch.metrics import topk_hits
@@ -50,7 +50,7 @@ def test_parallel_cross_entropy_matches_torch(engine):
 def dense_evaluation(data: Path, state: dict) -> dict:
     """Loss, top-1 and top-5 of the checkpoint's weights on every validation image, one
     process, a plain torchvision model: what the sharded job's validation must report."""
-    model = build_model("resnet18", state["model"]["fc.weight"].shape[0])
+    model = build_model(MODEL, state["model"]["fc.weight"].shape[0])
     model.load_state_dict(state["model"])
     model.eval()
     cfg = parse_config(["--train-dir", str(data / "train"), "--val-dir", str(data / "val"),
@@ -85,10 +85,10 @@ def two_process_run(digits_odd, tmp_path_factory):
 def test_job_saves_a_dense_classifier(two_process_run):
     run_dir, proc = two_process_run
     state = latest_checkpoint(run_dir)
-    dense = build_model("resnet18", 10).state_dict()
+    dense = build_model(MODEL, 10).state_dict()
     assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in dense.items()}
     # LARS's groups hold the weights (ndim > 1) first, then biases and norms: the optimizer's numbering.
-    named = list(build_model("resnet18", 10).named_parameters())
+    named = list(build_model(MODEL, 10).named_parameters())
     order = [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
     for name in ("fc.weight", "fc.bias"):
         momentum = state["optimizer"]["state"][order.index(name)]["momentum_buffer"]

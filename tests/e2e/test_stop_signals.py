@@ -9,9 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import PYTHON, ROOT, TRAIN, env
+from helpers import MODEL, PYTHON, ROOT, TRAIN, env
 
-SMOKE = ["--synthetic", "--synthetic-size", "64", "--model", "resnet18", "--image-size", "16", "--val-resize", "16",
+SMOKE = ["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16", "--val-resize", "16",
          "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0", "--print-freq", "1", "--workers", "0"]
 
 
