@@ -275,6 +275,23 @@ def check_same_run(state: dict, cfg: Config, source: Path) -> None:
         raise UsageError(f"{source} belongs to a run with {what}; use a new --log-dir for a new run")
 
 
+# Flags whose values a resumed run takes from the checkpoint, not from its command line: they
+# live on in the optimizer's param groups and the schedule's state, which resume restores.
+KEPT_FROM_CHECKPOINT = ("base_lr", "lr_scaling", "lr_power", "end_lr", "lr_decay_epochs",
+                        "warmup_epochs", "momentum", "wd", "epsilon", "lars_eta", "trust_clip")
+
+
+def ignored_changes(state: dict, cfg: Config) -> str | None:
+    """A warning line when the command line changes flags that a resume cannot honour."""
+    saved, current = state["args"], cfg.to_dict()
+    differ = [k for k in KEPT_FROM_CHECKPOINT if k in saved and saved[k] != current[k]]
+    if not differ:
+        return None
+    what = ", ".join(f"--{k.replace('_', '-')} {current[k]} (the checkpoint's: {saved[k]})" for k in differ)
+    return (f"warning: {what}: a resumed run keeps the checkpoint's values, which live on in its optimizer "
+            f"and schedule state; a new --log-dir starts a run with the new ones")
+
+
 def all_finite(state: dict) -> bool:
     """Whether every floating-point tensor of the model and optimizer state is finite."""
     return all(bool(torch.isfinite(t).all()) for part in ("model", "optimizer")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -366,6 +367,9 @@ def find_checkpoint(cfg: Config) -> dict | None:
         path = Path(cfg.output.resume)
         state = checkpoint.load(path)
     checkpoint.check_same_run(state, cfg, path)
+    ignored = checkpoint.ignored_changes(state, cfg)
+    if ignored:
+        print(ignored, file=sys.stderr, flush=True)
     print(f"resuming from {path} (epoch {state['epoch']}, step {state['step']})", flush=True)
     return state
 

@@ -368,3 +368,34 @@ def test_file_size_limit_gives_one_line(tmp_path):
     assert str(err.value).endswith(f"the previous checkpoint {first} is intact; free space, or lower "
                                    f"--keep-checkpoints")
     assert manifest(tmp_path)["files"] == [first.name] and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_resume_keeps_the_checkpoints_hyperparameters_and_says_so():
+    """A changed --base-lr or --wd on resume cannot take effect (the optimizer's param groups
+    and the schedule's state come back from the checkpoint): the run says so in one line."""
+    import torch
+
+    from largebatch import job
+    from largebatch.config import parse_config
+
+    def built(*flags):
+        cfg = parse_config(["--synthetic", "--base-op", "lars", "--epochs", "2", "--warmup-epochs", "1", *flags])
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        optimizer = job.build_optimizer(cfg, model, cfg.lr(1))
+        return cfg, optimizer, job.build_scheduler(cfg, optimizer, steps_per_epoch=5)
+
+    old_cfg, old_opt, old_sched = built("--base-lr", "0.5", "--wd", "1e-3")
+    new_cfg, new_opt, new_sched = built("--base-lr", "2", "--wd", "1e-4")
+    new_opt.load_state_dict(old_opt.state_dict())
+    new_sched.load_state_dict(old_sched.state_dict())
+    for optimizer, schedule in ((old_opt, old_sched), (new_opt, new_sched)):
+        optimizer.step()  # no gradients: nothing moves, but the schedule's step is in order
+        schedule.step()
+    assert [g["lr"] for g in new_opt.param_groups] == [g["lr"] for g in old_opt.param_groups]
+    assert [g["weight_decay"] for g in new_opt.param_groups] == [g["weight_decay"] for g in old_opt.param_groups]
+
+    line = checkpoint.ignored_changes({"args": old_cfg.to_dict()}, new_cfg)
+    assert line == ("warning: --base-lr 2.0 (the checkpoint's: 0.5), --wd 0.0001 (the checkpoint's: 0.001): a resumed "
+                    "run keeps the checkpoint's values, which live on in its optimizer and schedule state; a new "
+                    "--log-dir starts a run with the new ones")
+    assert checkpoint.ignored_changes({"args": old_cfg.to_dict()}, old_cfg) is None
