@@ -15,8 +15,12 @@ per round, in an order rotated from round to round:
 
 The figure is the whole process's wall time, from the launch to the launcher's exit, and the
 ratio is reference time / job time (above 1: the job is faster). Each subject's phases are
-timed from the lines it prints as they arrive: start-up (to the job's banner; to the
-reference's first step), training, validation, checkpoint and exit. Writes
+timed from the lines it prints as they arrive, so their edges differ a little: the
+reference's start-up includes building its model and ends at its first step; the job's
+ends at its banner, so the job's "train" also holds building the model, the start-up
+broadcast and the checkpoint lookup; the job writes its epoch-end checkpoint before it
+prints the validation line, so its "validate" holds the checkpoint, and its "checkpoint"
+is only the final report; the reference's torch.save is in its "exit". Writes
 bench/results/epoch.json.
 """
 from __future__ import annotations
