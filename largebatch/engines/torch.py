@@ -132,6 +132,11 @@ class TorchEngine(Engine):
 
     def gradients(self, optimizer, model, *, micro_batches, compression, adasum, predivide,
                   exclude=frozenset()) -> Gradients:
+        if self.size == 1 and compression is None:
+            # One process: nothing to average, and DDP would still copy every gradient into its
+            # buckets and reduce them over the one rank (a --gradient-predivide-factor is undone
+            # exactly after that reduction anyway). A compression asked for still rounds.
+            return Gradients(optimizer, model)
         if exclude:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(exclude))
         on_gpu = next(model.parameters()).is_cuda
