@@ -37,6 +37,7 @@ test-unit: setup
 # collected in bench/results/benchmarks.md (docs/benchmarks.md). The GPU part skips without one.
 bench: setup
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_epoch.py
 	$(PY) bench/bench_optimizer.py
 	@if [ -f bench/bench_input.py ]; then $(PY) bench/bench_input.py; fi
 	$(PY) bench/bench_gpu.py

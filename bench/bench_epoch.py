@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench_train import environment, mpirun_command
 from machine import describe, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +55,12 @@ def write_images(root: Path, count: int, classes: int = 4, size: int = 256, seed
 
 
 def timed_run(np_: int, script: Path, args: list, marks: dict[str, str]) -> dict:
-    """Run under mpirun; seconds from the launch to the first line containing each mark, and to the exit."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [str(Path(sys.executable).with_name("mpirun")), "-np", str(np_), "--oversubscribe",
-           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED",
-           sys.executable, str(script), *map(str, args)]
+    """Run under mpirun; seconds spent in each phase, one per mark (in order): from the previous
+    mark's first line (or the launch) to the first line containing this one; "exit" to the end."""
+    cmd = mpirun_command(np_, script, args)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=environment(THREADS), cwd=ROOT)
     seen, lines = {}, []
     for line in proc.stdout:
         lines.append(line)
@@ -76,13 +73,8 @@ def timed_run(np_: int, script: Path, args: list, marks: dict[str, str]) -> dict
     missing = [name for name in marks if name not in seen]
     if missing:
         raise SystemExit(f"never printed {missing}: {' '.join(cmd)}\n{''.join(lines)[-3000:]}")
-    return seen
-
-
-def phases(seen: dict, order: list[str]) -> dict:
-    """Seconds spent in each phase: between consecutive marks."""
     out, previous = {}, 0.0
-    for name in order + ["exit"]:
+    for name in [*marks, "exit"]:
         out[name] = round(seen[name] - previous, 2)
         previous = seen[name]
     return out
@@ -108,25 +100,24 @@ def main(argv=None) -> int:
         common = ["--train-dir", data / "train", "--val-dir", data / "val", "--model", args.model,
                   "--image-size", args.image_size, "--batch-size", args.batch_size, "--val-batch-size", args.batch_size]
 
+        steps = args.images // (args.batch_size * args.np)
+
         def reference(run_dir: Path) -> dict:
-            seen = timed_run(args.np, ROOT / "bench" / "reference_epoch.py", [*common, "--log-dir", run_dir,
-                             "--threads", THREADS],
+            return timed_run(args.np, ROOT / "bench" / "reference_epoch.py",
+                             [*common, "--log-dir", run_dir, "--threads", THREADS],
                              {"start-up": "phase train", "train": "phase validate", "validate": "phase checkpoint"})
-            return phases(seen, ["start-up", "train", "validate"])
 
         def job(engine: str, workers: int):
             def run(run_dir: Path) -> dict:
-                seen = timed_run(args.np, ROOT / "pytorch_imagenet_resnet.py",
+                return timed_run(args.np, ROOT / "pytorch_imagenet_resnet.py",
                                  [*common, "--log-dir", run_dir, "--epochs", 1, "--warmup-epochs", 0, "--base-op", "sgd",
                                   "--no-bn-bias-separately", "--label-smoothing", 0, "--base-lr", 0.0125,
                                   "--lr-scaling", "linear", "--wd", 5e-5, "--workers", workers,
                                   "--progress", "lines", "--engine", engine],
                                  {"start-up": "process(es),", "train": f"step {steps}/{steps}",
                                   "validate": "epoch 1/1: val", "checkpoint": "finished:"})
-                return phases(seen, ["start-up", "train", "validate", "checkpoint"])
             return run
 
-        steps = args.images // (args.batch_size * args.np)
         subjects = {"reference": reference}
         for engine in args.engines.split(","):
             for workers in (int(w) for w in args.workers.split(",")):

@@ -54,13 +54,17 @@ def environment(threads: int) -> dict:
     return env
 
 
-def launch(np: int, script: Path, args: list, threads: int) -> str:
+def mpirun_command(np: int, script: Path, args: list) -> list[str]:
     # yield_when_idle: ranks waiting in MPI give their core away instead of spinning; on a node
     # with more busy threads than cores (this benchmark's 2-core machine at -np 2) spinning
     # halves the throughput of both subjects
-    cmd = [str(Path(sys.executable).with_name("mpirun")), "-np", str(np), "--oversubscribe",
-           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED",
-           sys.executable, str(script), *map(str, args)]
+    return [str(Path(sys.executable).with_name("mpirun")), "-np", str(np), "--oversubscribe",
+            "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED",
+            sys.executable, str(script), *map(str, args)]
+
+
+def launch(np: int, script: Path, args: list, threads: int) -> str:
+    cmd = mpirun_command(np, script, args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(threads), cwd=ROOT, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

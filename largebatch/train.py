@@ -105,9 +105,12 @@ class SmallBatches:
                     images = None
                 if images is None:
                     yield self.empty
-                else:
-                    self.empty = images[:0], labels[:0]  # the input's own layout and dtype from now on
-                    yield images, labels
+                    continue
+                if self.empty[0].dtype != images.dtype or self.empty[0].device != images.device:
+                    # the input's own dtype and device; a fresh empty tensor, not a view, which
+                    # would keep this whole batch alive
+                    self.empty = images.new_empty((0, *images.shape[1:])), labels.new_empty(0)
+                yield images, labels
         finally:
             close = getattr(batches, "close", None)  # end the input's loader with this generator
             if close is not None:

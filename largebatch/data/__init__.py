@@ -3,8 +3,8 @@
 Every input is an ``Input``. Each rank's ``train(epoch)`` yields the same number of
 micro-batches (``batches_per_epoch``), so no rank waits for another in a collective; a
 micro-batch whose every image was unreadable is ``(None, None)``, and the loop still runs
-it, as an empty batch, so that every rank takes part in every reduction. ``val()`` yields each validation image exactly once over all
-ranks; shares may differ by a batch.
+it, as an empty batch, so that every rank takes part in every reduction. ``val()`` yields
+each validation image exactly once over all ranks; shares may differ by a batch.
 """
 from __future__ import annotations
 
