@@ -252,7 +252,9 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     d.add_argument("--workers", "-j", type=_non_negative_int, default=4, help="data loader processes per rank")
 
     o = p.add_argument_group("model and optimisation")
-    o.add_argument("--model", "-a", "--arch", default="resnet50", help="any torchvision classification model")
+    o.add_argument("--model", "-a", "--arch", default="resnet50",
+                   help="any torchvision classification model, or cifar_resnet8/14/20/32/44/56/110 (He et al.'s "
+                        "ResNets for small images)")
     o.add_argument("--pretrained", action="store_true",
                    help="start from torchvision's trained weights (from the torch hub cache; the classifier "
                         "stays fresh when --num-classes differs)")
@@ -459,8 +461,10 @@ def _validate(cfg: Config, entry: str) -> None:
 def _validate_model_name(name: str) -> None:
     import torchvision.models
 
-    names = torchvision.models.list_models(module=torchvision.models)
+    from .small_resnet import NAMES as SMALL_RESNETS
+
+    names = torchvision.models.list_models(module=torchvision.models) + list(SMALL_RESNETS)
     if name not in names:
         close = [n for n in names if n.startswith(name[:4])][:6]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UsageError(f"--model {name!r} is not a torchvision classification model{hint}")
+        raise UsageError(f"--model {name!r} is not a torchvision classification model or a cifar_resnet{hint}")

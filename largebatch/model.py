@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from . import small_resnet
 from .argparsing import UsageError
 
 # Models whose training-mode output carries auxiliary heads; the job wants plain logits.
@@ -16,6 +17,10 @@ _NO_AUX = {"googlenet": {"aux_logits": False, "init_weights": True},
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
+    if small_resnet.is_small_resnet(name):
+        if pretrained:
+            raise UsageError(f"--pretrained: there are no trained weights for {name}")
+        return small_resnet.build(name, num_classes)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **_NO_AUX.get(name, {}))
     if pretrained:
         load_pretrained(model, name)
