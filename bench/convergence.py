@@ -1,262 +1,492 @@
-"""Does large-batch training reach small-batch accuracy? A small study on real data.
+"""Accuracy against global batch size, 1x to 64x the small batch, for SGD, LARS and LAMB, on
+real data, through the real job. `make convergence` runs all of it (about an hour on 2 cores):
 
-    .venv/bin/python bench/convergence.py [--seeds 1,2,3] [--parallel 2] [--np 1]
-    .venv/bin/python bench/convergence.py --sweep      # the learning-rate sweep behind the choices below
-    .venv/bin/python bench/convergence.py --report-only  # tables and plots again, from the runs on disk
+    .venv/bin/python bench/convergence.py                 # sweep, study, checks, report
+    .venv/bin/python bench/convergence.py --stage sweep   # or study, checks, report (from the runs on disk)
 
-Data: scikit-learn's handwritten digits (1,797 8x8 images shipped inside the package),
-written as 32-pixel JPEGs: 1,536 training images (exactly 96 batches of 16 and 6 of 256, so
-no configuration drops any) and 261 validation images. Model: torchvision's ResNet-18 (the
-demo's), trained from scratch by the real job (``pytorch_imagenet_resnet.py``) for the same
-number of epochs in every configuration, with linear warmup and polynomial decay (power 2,
-to 0), momentum 0.9 and weight decay 5e-5 (not on normalisation weights and biases):
+Data: scikit-learn's handwritten digits (1,797 8x8 images shipped inside the package), written
+as 16-pixel JPEGs: 1,536 training images (batches of 8 to 512 divide it exactly) and 261
+validation images. Model: ``cifar_resnet8`` (He et al.'s ResNet for small images, 78k
+parameters), trained from scratch by the job (``largebatch.cli.main``, what
+pytorch_imagenet_resnet.py runs) with polynomial warmup and decay (power 2, to 0), momentum 0.9,
+weight decay 5e-5 (not on normalisation weights and biases), label smoothing 0.1 (the seed
+trainer's default), LARS's eta 0.001.
 
-  a  small batch   SGD,  batch 16,  lr and warmup tuned (--sweep)
-  b  large batch   SGD,  batch 256 (16x): a's recipe with 16 x a's lr (the linear scaling rule)
-  c  large batch   LARS, batch 256, eta 0.001, lr and warmup tuned (--sweep)
-  d  accumulation  c's recipe, batch 256 reached as 16 micro-batches of 16 (--batches-per-allreduce
-                   16; batch norm then sees micro-batches of 16)
+Points: global batch 8k for k in 1, 4, 16, 32, 64 (SMALL = 8), for each optimizer, under two
+budgets: the same epochs (EPOCHS for every batch: large batches take fewer steps) and the same
+steps (STEPS for every batch, one epoch of the small batch: a batch of 8k trains k epochs).
 
-Each configuration runs once per seed (weights, data order and augmentation all follow the
-seed). The report gives the mean, standard deviation and range of the final validation
-top-1 per configuration, and plots the curves (``largebatch.report``). Writes
-bench/results/convergence.{json,md,png}; the runs stay in runs/convergence/.
+Sweep (``--stage sweep``): every point's learning rate and warmup, chosen on a split of the
+training set (1,024 images to train, 512 held out; the validation images are never used), with
+one seed the study does not use (SWEEP_SEED), same epochs as the point (so 2/3 of its steps at
+every batch size). Learning rates in factors of 2 around the scaling rule's guess (SGD: linear,
+LARS and LAMB: square root, from BASE_LR at 1x), widened while the best is at an edge; then the
+best rate with a longer warmup. The best is the highest final held-out top-1 (lower held-out loss
+breaks ties). Written to bench/results/convergence_sweep.{json,md}.
 
-The sweep runs each (configuration, lr, warmup) of its grid once, with a seed (100) that the
-study does not use, keeps runs that finished before (so it can be extended), and writes
-bench/results/convergence_sweep.{json,md}. The study takes for a and c the setting with the
-best final validation top-1 in the sweep.
+Study (``--stage study``): every point with its chosen setting, SEEDS seeds (weights, data order,
+augmentation all follow the seed), one process each, two at a time (fork from a parent that has
+imported torch: the job's start-up costs seconds, the runs are short).
+
+Checks (``--stage checks``): gradient accumulation (LARS, 16x and 64x as micro-batches of 8)
+against the real large batch; and LARS's 16x point on the Horovod engine and on 2 processes
+(mpirun, each engine) against the study's (torch engine, 1 process).
+
+Report: mean, standard deviation and 95% confidence interval (t) per point; Welch's t-test of
+each point against SGD at the small batch (same budget); the largest batch each optimizer holds
+within one point. bench/results/convergence.{json,md,png}; the runs stay in runs/convergence/.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
-import statistics
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from largebatch import report
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy or torch start their thread pools
 
-# Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
-# sys.path, so they import as top-level modules; largebatch and lars come from the install.
-from machine import describe
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import multiprocessing  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from machine import describe  # noqa: E402  (bench/ is first on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SMALL, LARGE = 16, 256
-EPOCHS = 12
-SWEEP_WARMUP = 2     # the sweep's warmup (epochs), unless a row says otherwise
-# The study's settings, from the sweep (bench/results/convergence_sweep.md): each configuration
-# gets the learning rate and warmup that gave its best final validation top-1 there.
-LR_SGD_SMALL, WARMUP_SGD = 0.00625, 2
-LR_LARS, WARMUP_LARS = 2.0, 1
+SMALL = 8
+MULTIPLES = (1, 4, 16, 32, 64)
+OPTIMIZERS = ("sgd", "lars", "lamb")
+EPOCHS = 10                        # the same-epochs budget
+STEPS = 1536 // SMALL              # the same-steps budget: one epoch of the small batch
+SEEDS = (1, 2, 3, 4, 5)
 SWEEP_SEED = 100
-SMALL_LRS = (0.003125, 0.00625, 0.0125, 0.025, 0.05)
-# (configuration, lr, warmup epochs): learning rates in factors of 2 around the best, SGD at
-# the large batch at 16x each small-batch rate; then LARS's warmup varied at its best rate, and
-# the shorter warmup that LARS preferred tried for all three around their best rates
-SWEEP = ([("a-sgd-small", lr, SWEEP_WARMUP) for lr in SMALL_LRS]
-         + [("b-sgd-large", 16 * lr, SWEEP_WARMUP) for lr in SMALL_LRS]
-         + [("c-lars-large", lr, SWEEP_WARMUP) for lr in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)]
-         + [("c-lars-large", 2.0, warmup) for warmup in (1, 4)]
-         + [("a-sgd-small", 0.00625, 1), ("b-sgd-large", 0.1, 1), ("c-lars-large", 1.0, 1), ("c-lars-large", 4.0, 1)])
-COMMON = ["--model", "resnet18", "--image-size", "32", "--crop-scale", "0.5,1", "--val-batch-size", "128",
-          "--lr-schedule", "poly", "--lr-power", "2", "--momentum", "0.9", "--wd", "5e-5",
-          "--lr-scaling", "keep", "--workers", "1", "--progress", "lines",
-          # the defaults these results were measured with (the original trainer's differ)
-          "--bn-bias-separately", "--label-smoothing", "0"]
+BASE_LR = {"sgd": 0.05, "lars": 1.0, "lamb": 0.01}     # the sweep's centre at 1x
+RULE = {"sgd": 1.0, "lars": 0.5, "lamb": 0.5}            # centre at kx: BASE_LR * k ** RULE
+WARMUP, LONG_WARMUP = 0.1, 0.3                          # fractions of the run's epochs
+MAX_WIDEN = 2                                           # rates added beyond the first grid's edges
+CHECK_ACCUMULATION = (16, 64)
+CHECK_ENGINES = 16
+COMMON = ["--model", "cifar_resnet8", "--image-size", "16", "--val-resize", "16", "--crop-scale", "0.5,1",
+          "--val-batch-size", "512", "--lr-schedule", "poly", "--lr-power", "2", "--momentum", "0.9",
+          "--wd", "5e-5", "--lars-eta", "0.001", "--bn-bias-separately", "--label-smoothing", "0.1",
+          "--lr-scaling", "keep", "--workers", "0", "--progress", "lines", "--keep-checkpoints", "1",
+          "--resume", "none"]
 
 
-def configurations() -> dict[str, dict]:
-    """name -> global batch, micro-batches per step, optimizer, learning rate, warmup epochs."""
-    return {
-        "a-sgd-small": dict(batch=SMALL, accumulate=1, op="sgd", lr=LR_SGD_SMALL, warmup=WARMUP_SGD),
-        # the linear scaling rule applied to a's recipe
-        "b-sgd-large": dict(batch=LARGE, accumulate=1, op="sgd", lr=LR_SGD_SMALL * LARGE / SMALL, warmup=WARMUP_SGD),
-        "c-lars-large": dict(batch=LARGE, accumulate=1, op="lars", lr=LR_LARS, warmup=WARMUP_LARS),
-        "d-lars-accumulated": dict(batch=LARGE, accumulate=LARGE // SMALL, op="lars", lr=LR_LARS, warmup=WARMUP_LARS),
-    }
+@dataclass(frozen=True)
+class Point:
+    budget: str        # "epochs" or "steps"
+    op: str
+    k: int             # global batch = SMALL * k
+
+    @property
+    def batch(self) -> int:
+        return SMALL * self.k
+
+    @property
+    def epochs(self) -> int:
+        return EPOCHS if self.budget == "epochs" else self.k
+
+    @property
+    def name(self) -> str:
+        return f"{self.budget}-{self.op}-{self.k}x"
 
 
-def job_args(conf: dict, data: Path, run_dir: Path, seed: int, epochs: int, np: int) -> list[str]:
-    micro = conf["batch"] // conf["accumulate"]  # global micro-batch, split over the processes
-    steps_per_epoch = 1536 // conf["batch"]
-    return ["--train-dir", data / "train", "--val-dir", data / "val", "--log-dir", run_dir, *COMMON,
-            "--batch-size", micro // np, "--batches-per-allreduce", conf["accumulate"],
-            "--base-op", conf["op"], "--base-lr", conf["lr"], "--epochs", epochs, "--warmup-epochs", conf["warmup"],
-            "--seed", seed, "--print-freq", max(1, steps_per_epoch // 3), "--resume", "none"]
+@dataclass(frozen=True)
+class Run:
+    point: Point
+    lr: float
+    warmup: float      # fraction of the epochs
+    seed: int
+    data: str          # "study" or "sweep"
+    np: int = 1
+    engine: str = "torch"
+    accumulate: int = 1
+
+    @property
+    def dir(self) -> str:
+        extra = (f"-accumulate{self.accumulate}" if self.accumulate > 1 else "") + (
+            f"-{self.engine}-np{self.np}" if (self.engine, self.np) != ("torch", 1) else "")
+        if self.data == "sweep":
+            return f"sweep/{self.point.name}/lr{self.lr:g}-warmup{self.warmup:g}"
+        return f"{self.data}/{self.point.name}{extra}/seed{self.seed}"
+
+    def argv(self, data: Path, runs: Path) -> list[str]:
+        train, val = (data / "sweep-train", data / "sweep-holdout") if self.data == "sweep" else \
+            (data / "train", data / "val")
+        per_rank = self.point.batch // self.accumulate // self.np
+        steps_per_epoch = 1536 // self.point.batch
+        return ["--train-dir", str(train), "--val-dir", str(val), "--log-dir", str(runs / self.dir), *COMMON,
+                "--engine", self.engine, "--base-op", self.point.op, "--base-lr", f"{self.lr:g}",
+                "--batch-size", str(per_rank), "--batches-per-allreduce", str(self.accumulate),
+                "--epochs", str(self.point.epochs), "--warmup-epochs", f"{self.warmup * self.point.epochs:g}",
+                "--seed", str(self.seed), "--print-freq", str(max(1, steps_per_epoch * self.point.epochs // 4))]
 
 
-def run_job(args: list, np: int, threads: int, log: Path) -> float:
-    """One training run from scratch; returns its wall time. Output goes to ``log``."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    python = sys.executable
-    script = [python, str(ROOT / "pytorch_imagenet_resnet.py"), *map(str, args)]
-    cmd = script if np == 1 else [str(Path(python).with_name("mpirun")), "-np", str(np), "--oversubscribe",
-                                  "-x", "OMP_NUM_THREADS", *script]
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"training run failed ({proc.returncode}), see {log}:\n" + log.read_text()[-2000:])
-    return time.perf_counter() - start
+def points() -> list[Point]:
+    return [Point(b, op, k) for b in ("epochs", "steps") for op in OPTIMIZERS for k in MULTIPLES]
 
 
-def finished(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
+# --- data ------------------------------------------------------------------------------------
 
-
-def run_all(plan: list[tuple[str, int, list]], np: int, parallel: int, reuse: bool = False) -> None:
-    """Run (label, seed, args) jobs, ``parallel`` at a time, each on its share of the cores;
-    with ``reuse``, runs that finished before are kept as they are."""
-    threads = max(1, (os.cpu_count() or 1) // (parallel * np))
-    done = 0
-
-    def one(item):
-        nonlocal done
-        label, seed, args = item
-        run_dir = Path(args[args.index("--log-dir") + 1])
-        if reuse and finished(run_dir):
-            done += 1
-            print(f"[{done}/{len(plan)}] {label} seed {seed}: finished before, kept", flush=True)
-            return
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a study run always starts from scratch
-        run_dir.mkdir(parents=True)
-        seconds = run_job(args, np, threads, run_dir / "job.log")
-        done += 1
-        top1 = report.load_run(run_dir).last("val/top1")
-        print(f"[{done}/{len(plan)}] {label} seed {seed}: val top-1 {top1:.2f} ({seconds:.0f} s)", flush=True)
-
-    with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(one, plan))
-
-
-def write_digits_split(data: Path) -> None:
+def write_data(data: Path) -> None:
+    """train/ and val/ (the study), and sweep-train/ and sweep-holdout/: links into train/."""
     from largebatch.data.digits import write_digits
     if not (data / "train").is_dir():
-        n_train, n_val = write_digits(data, size=32, val_fraction=261 / 1797, seed=0)
+        n_train, _ = write_digits(data, size=16, val_fraction=261 / 1797, seed=0)
         assert n_train == 1536, n_train
+    if not (data / "sweep-holdout").is_dir():
+        images = sorted((data / "train").glob("*/*.jpg"))
+        held = set(random.Random(0).sample(range(len(images)), 512))
+        for i, image in enumerate(images):
+            link = data / ("sweep-holdout" if i in held else "sweep-train") / image.parent.name / image.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(image)
 
 
-def study(args, confs: dict[str, dict], run_root: Path) -> dict:
-    runs = [report.load_run(run_root / name / f"seed{seed}", name) for name in confs for seed in args.seeds]
-    summaries = [report.summarize(r) for r in runs]
-    groups = {g["label"]: g for g in report.summarize_groups(summaries)}
-    small = groups["a-sgd-small"]["final_val_top1_mean"]
-    for g in groups.values():
-        g["gap_to_small_batch"] = g["final_val_top1_mean"] - small
-    report.plot(runs, (report.Panel("validation top-1 (%)", (report.Series("val/top1", ""),)),
-                       report.Panel("training loss", (report.Series("train/loss", ""),), log=True),
-                       report.Panel("learning rate", (report.Series("train/lr", ""),), log=True)),
-                args.out / "convergence.png", x="epoch",
-                title=f"ResNet-18 on digits, {args.epochs} epochs, seeds {','.join(map(str, args.seeds))} "
-                      f"(mean, band: min-max)")
-    report.write_report(runs, run_root / "report", x="epoch")  # every figure, every run
-    return {"summaries": summaries, "groups": list(groups.values())}
+# --- running ---------------------------------------------------------------------------------
+
+def _child(argv: list[str], log: str) -> None:
+    """A forked process: the job, as pytorch_imagenet_resnet.py runs it, its output in ``log``."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from largebatch.cli import main
+    code = 1
+    try:
+        code = main("folder", argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
-def sweep_dir(run_root: Path, name: str, lr: float, warmup: float) -> Path:
-    return run_root / "sweep" / (f"{name}-lr{lr:g}" + (f"-warmup{warmup:g}" if warmup != SWEEP_WARMUP else ""))
+def launch(run: Run, data: Path, runs: Path) -> int:
+    """One run from scratch; its exit code (3: stopped on a non-finite loss, see --max-nonfinite-steps)."""
+    out = runs / run.dir
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    log = out / "job.log"
+    argv = run.argv(data, runs)
+    if run.np == 1:
+        process = multiprocessing.get_context("fork").Process(target=_child, args=(argv, str(log)))
+        process.start()
+        process.join()
+        return process.exitcode
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    mpirun = str(Path(sys.executable).with_name("mpirun"))
+    cmd = [mpirun, "-np", str(run.np), "--oversubscribe", "-x", "OMP_NUM_THREADS",
+           sys.executable, str(ROOT / "pytorch_imagenet_resnet.py"), *argv]
+    with open(log, "w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
 
 
-def sweep_results(run_root: Path) -> list[dict]:
+def result(run: Run, runs: Path) -> dict | None:
+    """Final validation (held-out, in the sweep) top-1 and loss; None when the run is not finished."""
+    from largebatch.report import load_run
+    out = runs / run.dir
+    status = out / "status.json"
+    if not status.is_file():
+        return None
+    state = json.loads(status.read_text()).get("state")
+    if state not in ("finished", "failed"):
+        return None
+    r = load_run(out)
+    top1, loss = r.last("val/top1"), r.last("val/loss")
+    diverged = state == "failed" or top1 is None or not math.isfinite(loss or math.nan)
+    return {"top1": 100.0 / 10 if diverged else top1, "loss": None if diverged else loss,
+            "diverged": diverged, "seconds": round(r.seconds, 1)}
+
+
+def run_all(plan: list[Run], data: Path, runs: Path, parallel: int) -> dict[Run, dict]:
+    """Run what has no result on disk yet (so a stage can be continued), ``parallel`` at a time."""
+    todo = [r for r in plan if result(r, runs) is None]
+    todo.sort(key=lambda r: -r.point.epochs * (1 + 8 / r.point.k) * r.np)  # longest first
+    done = 0
+
+    def one(run: Run) -> None:
+        nonlocal done
+        code = launch(run, data, runs)
+        if code not in (0, 3):
+            raise SystemExit(f"run failed ({code}): see {runs / run.dir / 'job.log'}")
+        done += 1
+        r = result(run, runs)
+        print(f"[{done}/{len(todo)}] {run.dir}: top-1 {r['top1']:.2f}{' (diverged)' if r['diverged'] else ''} "
+              f"({r['seconds']:.0f} s)", flush=True)
+
+    singles, multi = [r for r in todo if r.np == 1], [r for r in todo if r.np > 1]
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, singles))
+    for run in multi:  # each takes every core it is given
+        one(run)
+    return {r: result(r, runs) for r in plan}
+
+
+# --- sweep -----------------------------------------------------------------------------------
+
+def _lr(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def _score(r: dict) -> tuple[float, float]:
+    return (r["top1"], -(r["loss"] if r["loss"] is not None else math.inf))
+
+
+def sweep(data: Path, runs: Path, parallel: int) -> dict[Point, dict]:
+    """Each point's chosen learning rate and warmup, with every setting tried (see the docstring)."""
+    grids = {p: [_lr(BASE_LR[p.op] * p.k ** RULE[p.op] * f) for f in (0.5, 1, 2)] for p in points()}
+    widened = dict.fromkeys(grids, 0)
+    while True:
+        tried = run_all([Run(p, lr, WARMUP, SWEEP_SEED, "sweep") for p, lrs in grids.items() for lr in lrs],
+                        data, runs, parallel)
+        wider = False
+        for p, lrs in grids.items():
+            best = max(lrs, key=lambda lr: _score(tried[Run(p, lr, WARMUP, SWEEP_SEED, "sweep")]))
+            if widened[p] < MAX_WIDEN and best in (min(lrs), max(lrs)):
+                lrs.append(_lr(best / 2 if best == min(lrs) else best * 2))
+                widened[p] += 1
+                wider = True
+        if not wider:
+            break
+    best_lr = {p: max(lrs, key=lambda lr: _score(tried[Run(p, lr, WARMUP, SWEEP_SEED, "sweep")]))
+               for p, lrs in grids.items()}
+    tried.update(run_all([Run(p, lr, LONG_WARMUP, SWEEP_SEED, "sweep") for p, lr in best_lr.items()],
+                         data, runs, parallel))
+    chosen = {}
+    for p in grids:
+        mine = {r: v for r, v in tried.items() if r.point == p}
+        best = max(mine, key=lambda r: _score(mine[r]))
+        chosen[p] = {"lr": best.lr, "warmup": best.warmup,
+                     "tried": [{"lr": r.lr, "warmup": r.warmup, **v} for r, v in sorted(
+                         mine.items(), key=lambda item: (item[0].warmup, item[0].lr))]}
+    return chosen
+
+
+def study_plan(chosen: dict[Point, dict]) -> list[Run]:
+    return [Run(p, chosen[p]["lr"], chosen[p]["warmup"], seed, "study") for p in points() for seed in SEEDS]
+
+
+def checks_plan(chosen: dict[Point, dict]) -> dict[str, list[Run]]:
+    """Label -> runs; each is compared with the study's runs of the same point."""
+    plans = {}
+    for k in CHECK_ACCUMULATION:
+        p = Point("epochs", "lars", k)
+        plans[f"accumulated {k} x {SMALL}"] = [
+            Run(p, chosen[p]["lr"], chosen[p]["warmup"], seed, "study", accumulate=k) for seed in SEEDS]
+    p = Point("epochs", "lars", CHECK_ENGINES)
+    for engine, np in (("horovod", 1), ("horovod", 2), ("torch", 2)):
+        plans[f"{engine} engine, {np} process{'es' if np > 1 else ''}"] = [
+            Run(p, chosen[p]["lr"], chosen[p]["warmup"], seed, "study", np=np, engine=engine) for seed in SEEDS]
+    return plans
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def sample(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the t-based 95% confidence interval of the mean."""
+    from scipy import stats
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": values}
+
+
+def welch(a: list[float], b: list[float]) -> dict:
+    """Welch's t-test of mean(a) - mean(b) (unequal variances): the difference, its 95%
+    confidence interval and the two-sided p-value. Two constant samples have no spread to test:
+    p is 1 when they are equal and 0 otherwise, and the interval is the difference itself."""
+    from scipy import stats
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    if len(set(a)) == 1 and len(set(b)) == 1:
+        return {"diff": diff, "ci95": [diff, diff], "p": 1.0 if diff == 0 else 0.0}
+    test = stats.ttest_ind(a, b, equal_var=False)
+    ci = test.confidence_interval(0.95)
+    return {"diff": diff, "ci95": [float(ci.low), float(ci.high)], "p": float(test.pvalue)}
+
+
+def holds(rows: list[dict], within: float = 1.0) -> dict:
+    """The largest batch multiple whose mean stays within ``within`` points of the small batch,
+    with every smaller multiple also within (rows of one optimizer and budget, by k)."""
+    held = None
+    for row in sorted(rows, key=lambda r: r["k"]):
+        if row["vs_small"]["diff"] < -within:
+            return {"k": held["k"] if held else None, "vs_small": held["vs_small"] if held else None,
+                    "first_outside": {"k": row["k"], "vs_small": row["vs_small"]}}
+        held = row
+    return {"k": held["k"], "vs_small": held["vs_small"], "first_outside": None}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def summarize(chosen: dict[Point, dict], results: dict[Run, dict], checks: dict[str, list[Run]]) -> dict:
+    top1 = lambda plan: [results[r]["top1"] for r in plan]  # noqa: E731
+    study = {p: [r for r in results if r.point == p and r.data == "study" and r.accumulate == 1
+                 and (r.engine, r.np) == ("torch", 1)] for p in points()}
     rows = []
-    for name, lr, warmup in SWEEP:
-        run = report.load_run(sweep_dir(run_root, name, lr, warmup), name)
-        s = report.summarize(run)
-        rows.append({"config": name, "lr": lr, "warmup_epochs": warmup, "final_val_top1": s["final_val_top1"],
-                     "final_val_loss": run.last("val/loss"), "best_val_top1": s["best_val_top1"],
-                     "final_train_loss": s["final_train_loss"]})
-    return rows
+    for p in points():
+        small = top1(study[Point(p.budget, "sgd", 1)])
+        rows.append({"budget": p.budget, "op": p.op, "k": p.k, "batch": p.batch, "epochs": p.epochs,
+                     "steps": p.epochs * (1536 // p.batch), "lr": chosen[p]["lr"], "warmup": chosen[p]["warmup"],
+                     "top1": sample(top1(study[p])), "vs_small": welch(top1(study[p]), small),
+                     "diverged": sum(results[r]["diverged"] for r in study[p]),
+                     "seconds_per_run": sum(results[r]["seconds"] for r in study[p]) / len(study[p])})
+    held = {b: {op: holds([r for r in rows if r["budget"] == b and r["op"] == op]) for op in OPTIMIZERS}
+            for b in ("epochs", "steps")}
+    check_rows = []
+    for label, plan in checks.items():
+        p = plan[0].point
+        check_rows.append({"check": label, "k": p.k, "top1": sample(top1(plan)),
+                           "study": sample(top1(study[p])), "vs_study": welch(top1(plan), top1(study[p]))})
+    return {"points": rows, "holds": held, "checks": check_rows}
 
 
-def main(argv=None) -> int:
+def _mean_std(s: dict) -> str:
+    return f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+
+def _diff(w: dict) -> str:
+    return f"{w['diff']:+.2f} [{w['ci95'][0]:+.2f}, {w['ci95'][1]:+.2f}]"
+
+
+def markdown(summary: dict, seconds: dict) -> str:
+    budgets = {"epochs": f"the same epochs ({EPOCHS} for every batch)",
+               "steps": f"the same steps ({STEPS} for every batch: a batch of {SMALL}k trains k epochs)"}
+    lines = [f"`cifar_resnet8` on the digits at 16 px (1,536 training, 261 validation images), global batch "
+             f"{SMALL}k, seeds {', '.join(map(str, SEEDS))} per point; mean ± sample standard deviation of the "
+             f"final validation top-1 (%), its 95% confidence interval (t), and the difference from SGD at batch "
+             f"{SMALL} under the same budget with Welch's 95% interval and p-value. Learning rates and warmups "
+             f"from the sweep on a split of the training set (convergence_sweep.md)."]
+    for budget, title in budgets.items():
+        lines += ["", f"**Budget: {title}.**", "",
+                  "| optimizer | batch | steps | lr | warmup | top-1 | 95% CI | vs SGD at 8 [95% CI] | p |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in (r for r in summary["points"] if r["budget"] == budget):
+            diverged = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+            lines.append(f"| {r['op'].upper()} | {r['batch']} ({r['k']}x) | {r['steps']} | {r['lr']:g} "
+                         f"| {r['warmup'] * r['epochs']:g} ep | {_mean_std(r['top1'])}{diverged} "
+                         f"| {r['top1']['ci95'][0]:.2f} - {r['top1']['ci95'][1]:.2f} | {_diff(r['vs_small'])} "
+                         f"| {r['vs_small']['p']:.3f} |")
+        lines += ["", "Largest batch within one point of SGD at 8 (every smaller batch too):", ""]
+        for op, h in summary["holds"][budget].items():
+            text = (f"{SMALL * h['k']} ({h['k']}x), difference {_diff(h['vs_small'])}" if h["k"]
+                    else "none (already more than a point behind at 8)")
+            if h["first_outside"]:
+                f = h["first_outside"]
+                text += f"; at {SMALL * f['k']} ({f['k']}x): {_diff(f['vs_small'])}"
+            lines.append(f"- {op.upper()}: {text}")
+    lines += ["", "**Checks** (LARS, same epochs; each against the study's point: torch engine, 1 process, "
+              "the real large batch):", "",
+              "| check | batch | top-1 | study's point | difference [95% CI] | p |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in summary["checks"]:
+        lines.append(f"| {c['check']} | {SMALL * c['k']} | {_mean_std(c['top1'])} | {_mean_std(c['study'])} "
+                     f"| {_diff(c['vs_study'])} | {c['vs_study']['p']:.3f} |")
+    lines += ["", "Time on this machine: " + ", ".join(f"{stage} {s / 60:.0f} min" for stage, s in seconds.items())
+              + f" (total {sum(seconds.values()) / 60:.0f} min)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, budget, title in zip(axes, ("epochs", "steps"), (f"same epochs ({EPOCHS})", f"same steps ({STEPS})")):
+        for op, color in zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")):
+            rows = [r for r in summary["points"] if r["budget"] == budget and r["op"] == op]
+            x = [r["batch"] for r in rows]
+            mean = [r["top1"]["mean"] for r in rows]
+            std = [r["top1"]["std"] for r in rows]
+            ax.plot(x, mean, "o-", color=color, label=op.upper())
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=color, alpha=0.2)
+        small = next(r for r in summary["points"] if r["budget"] == budget and r["op"] == "sgd" and r["k"] == 1)
+        ax.axhline(small["top1"]["mean"] - 1, color="grey", ls=":", lw=1, label="SGD at 8, minus 1 point")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([SMALL * k for k in MULTIPLES], [str(SMALL * k) for k in MULTIPLES])
+        ax.set_xlabel("global batch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"final validation top-1 (%), mean ± std of {len(SEEDS)} seeds")
+    axes[0].legend(loc="lower left")
+    fig.suptitle("cifar_resnet8 on digits (16 px): accuracy against batch size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_markdown(chosen: dict[Point, dict]) -> str:
+    lines = [f"Sweep: seed {SWEEP_SEED}, trained on 1,024 of the 1,536 training images, scored on the other 512 "
+             f"(final top-1, then loss); warmup as a fraction of the run's epochs. The chosen setting is in bold.",
+             "", "| point | batch | epochs | lr: held-out top-1 (warmup " + f"{WARMUP:g}) | longer warmup ({LONG_WARMUP:g}) |",
+             "| --- | ---: | ---: | --- | --- |"]
+    for p, c in chosen.items():
+        def cell(t):
+            text = f"{t['lr']:g}: {'diverged' if t['diverged'] else format(t['top1'], '.1f')}"
+            return f"**{text}**" if (t["lr"], t["warmup"]) == (c["lr"], c["warmup"]) else text
+        short = ", ".join(cell(t) for t in c["tried"] if t["warmup"] == WARMUP)
+        long = ", ".join(cell(t) for t in c["tried"] if t["warmup"] == LONG_WARMUP)
+        lines.append(f"| {p.budget} {p.op.upper()} {p.k}x | {p.batch} | {p.epochs} | {short} | {long} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds, one run per configuration each")
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--np", type=int, default=1, help="processes per run (mpirun -np when above 1)")
-    p.add_argument("--parallel", type=int, default=2,
-                   help="runs at a time; each gets cores / (parallel x np) threads")
-    p.add_argument("--data", type=Path, default=ROOT / "data" / "digits-study")
+    p.add_argument("--stage", choices=["all", "sweep", "study", "checks", "report"], default="all",
+                   help="each stage runs what it needs of the ones before it; runs on disk are kept")
+    p.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="single-process runs at a time")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "digits16-study")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "convergence")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--sweep", action="store_true", help="run the learning-rate sweep instead of the study")
-    p.add_argument("--report-only", action="store_true", help="no training: report the runs on disk")
     args = p.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    if SMALL % args.np or LARGE % args.np:
-        p.error(f"--np must divide the batch sizes {SMALL} and {LARGE}")
-    write_digits_split(args.data)
+    import largebatch.job  # noqa: F401  torch and the job's modules, once, before the runs fork
+    write_data(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    machine = describe()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    times_file = args.runs / "seconds.json"
+    seconds = json.loads(times_file.read_text()) if times_file.is_file() else {}
 
-    if args.sweep:
-        plan = []
-        for name, lr, warmup in SWEEP:
-            conf = dict(configurations()[name], lr=lr, warmup=warmup)
-            plan.append((f"{name} lr {lr:g} warmup {warmup:g}", SWEEP_SEED,
-                         job_args(conf, args.data, sweep_dir(args.runs, name, lr, warmup), SWEEP_SEED,
-                                  args.epochs, args.np)))
-        if not args.report_only:
-            run_all(plan, args.np, args.parallel, reuse=True)  # a sweep can be continued
-        rows = sweep_results(args.runs)
-        table = ["| configuration | lr | warmup epochs | final val top-1 | final val loss | best val top-1 "
-                 "| final train loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        table += [f"| {r['config']} | {r['lr']:g} | {r['warmup_epochs']:g} | {r['final_val_top1']:.2f} "
-                  f"| {r['final_val_loss']:.4f} | {r['best_val_top1']:.2f} | {r['final_train_loss']:.4f} |"
-                  for r in rows]
-        text = "\n".join(table) + "\n"
-        (args.out / "convergence_sweep.json").write_text(json.dumps(
-            {"command": " ".join(["python bench/convergence.py", *(argv if argv is not None else sys.argv[1:])]),
-             "seed": SWEEP_SEED, "epochs": args.epochs, "machine": machine,
-             "results": rows, "seconds": round(time.perf_counter() - start)}, indent=1) + "\n")
-        (args.out / "convergence_sweep.md").write_text(text)
-        print(text, end="")
+    def timed(stage: str, work):
+        start = time.perf_counter()
+        value = work()
+        if args.stage in ("all", stage):
+            seconds[stage] = seconds.get(stage, 0) + time.perf_counter() - start
+            times_file.write_text(json.dumps(seconds))
+        return value
+
+    chosen = timed("sweep", lambda: sweep(args.data, args.runs, args.parallel))
+    (args.out / "convergence_sweep.md").write_text(sweep_markdown(chosen))
+    (args.out / "convergence_sweep.json").write_text(json.dumps(
+        {"seed": SWEEP_SEED, "base_lr": BASE_LR, "rule_exponent": RULE, "warmups": [WARMUP, LONG_WARMUP],
+         "points": [{"point": p.name, **c} for p, c in chosen.items()]}, indent=1) + "\n")
+    if args.stage == "sweep":
         return 0
-
-    confs = configurations()
-    if not args.report_only:
-        plan = [(name, seed, job_args(conf, args.data, args.runs / name / f"seed{seed}", seed, args.epochs, args.np))
-                for seed in args.seeds for name, conf in confs.items()]
-        # the longest runs (many small steps) first, so the parallel slots finish together
-        plan.sort(key=lambda item: confs[item[0]]["batch"] // confs[item[0]]["accumulate"])
-        run_all(plan, args.np, args.parallel)
-    results = study(args, confs, args.runs)
-    lines = [f"ResNet-18, digits at 32 px (1,536 train / 261 validation images), {args.epochs} epochs "
-             f"(poly decay, power 2), {args.np} process(es) per run, seeds {', '.join(map(str, args.seeds))}; "
-             f"std: sample standard deviation over the seeds.", "",
-             "| configuration | global batch | optimizer, lr, warmup epochs | final val top-1, mean ± std | min - max "
-             "| vs small batch | best val top-1, mean | time per run |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for g in results["groups"]:
-        c = confs[g["label"]]
-        batch = f"{c['batch']}" + (f" ({c['accumulate']} x {c['batch'] // c['accumulate']})" if c["accumulate"] > 1 else "")
-        lines.append(f"| {g['label']} | {batch} | {c['op'].upper()}, {c['lr']:g}, {c['warmup']:g} "
-                     f"| {g['final_val_top1_mean']:.2f} ± {g['final_val_top1_std']:.2f} "
-                     f"| {g['final_val_top1_min']:.2f} - {g['final_val_top1_max']:.2f} "
-                     f"| {g['gap_to_small_batch']:+.2f} | {g['best_val_top1_mean']:.2f} "
-                     f"| {report.duration(g['seconds_mean'])} |")
-    text = "\n".join(lines) + "\n"
+    results = timed("study", lambda: run_all(study_plan(chosen), args.data, args.runs, args.parallel))
+    checks = checks_plan(chosen)
+    if args.stage in ("all", "checks", "report"):
+        results.update(timed("checks", lambda: run_all([r for plan in checks.values() for r in plan],
+                                                        args.data, args.runs, args.parallel)))
+    else:
+        return 0
+    summary = summarize(chosen, results, checks)
+    text = markdown(summary, {k: v for k, v in seconds.items() if k != "report"})
     (args.out / "convergence.md").write_text(text)
-    record = {"command": " ".join(["python bench/convergence.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine, "seconds": round(time.perf_counter() - start)}
-    if args.report_only and (args.out / "convergence.json").is_file():  # keep what the training run recorded
-        previous = json.loads((args.out / "convergence.json").read_text())
-        record = {key: previous.get(key, value) for key, value in record.items()}
-    (args.out / "convergence.json").write_text(json.dumps({
-        **record, "epochs": args.epochs, "np": args.np, "seeds": args.seeds,
-        "common_flags": COMMON, "configurations": confs, **results}, indent=1, default=str) + "\n")
+    (args.out / "convergence.json").write_text(json.dumps(
+        {"command": "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+         "machine": describe(), "seconds": seconds, "small_batch": SMALL, "multiples": MULTIPLES,
+         "epochs": EPOCHS, "steps": STEPS, "seeds": SEEDS, "common_flags": COMMON, **summary}, indent=1) + "\n")
+    plot(summary, args.out / "convergence.png")
     print(text, end="")
-    print(f"wrote {args.out / 'convergence.md'}, convergence.json, convergence.png; runs in {args.runs}")
+    print(f"wrote {args.out}/convergence.{{md,json,png}} and convergence_sweep.{{md,json}}; runs in {args.runs}")
     return 0
 
 
