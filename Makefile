@@ -43,7 +43,8 @@ bench: setup
 	$(PY) bench/bench_gpu.py
 	$(PY) bench/tables.py
 
-# Small batch vs large batch (SGD, LARS, accumulation) on the digits, 3 seeds: bench/results/convergence.*
+# Accuracy against batch size (8 to 512; SGD, LARS, LAMB; two budgets; sweeps, 5 seeds, checks) on the
+# digits, about an hour on 2 cores: bench/results/convergence*
 convergence: setup
 	$(PY) bench/convergence.py
 
