@@ -287,6 +287,40 @@ def checks_plan(chosen: dict[Point, dict]) -> dict[str, list[Run]]:
     return plans
 
 
+def recalibrated(run: Run, data: Path, runs: Path) -> float:
+    """Validation top-1 of a finished run's last checkpoint once its batch-norm running statistics
+    are re-estimated over the training images (one pass of the validation transform, an exact
+    average instead of momentum 0.1), the weights unchanged. A large batch takes few steps, and
+    the running averages, updated once per step, trail the weights: this says how much of its
+    loss is that lag rather than the weights themselves."""
+    import torch
+    from torchvision import datasets
+
+    from largebatch import checkpoint
+    from largebatch.config import parse_config
+    from largebatch.data.folder import val_transform
+    from largebatch.model import build_model
+
+    cfg = parse_config(run.argv(data, runs), "folder")
+    loader = lambda root: torch.utils.data.DataLoader(  # noqa: E731
+        datasets.ImageFolder(str(root), val_transform(cfg)), batch_size=512)
+    model = build_model(cfg.optim.model, 10)
+    model.load_state_dict(checkpoint.load(sorted((runs / run.dir).glob("checkpoint-*.pth.tar"))[-1])["model"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+    correct = 0
+    with torch.no_grad():
+        model.train()
+        for images, _ in loader(cfg.data.train_dir):
+            model(images)
+        model.eval()
+        for images, labels in loader(cfg.data.val_dir):
+            correct += (model(images).argmax(1) == labels).sum().item()
+    return 100.0 * correct / len(loader(cfg.data.val_dir).dataset)
+
+
 # --- statistics ------------------------------------------------------------------------------
 
 def sample(values: list[float]) -> dict:
@@ -313,39 +347,47 @@ def welch(a: list[float], b: list[float]) -> dict:
 
 
 def holds(rows: list[dict], within: float = 1.0) -> dict:
-    """The largest batch multiple whose mean stays within ``within`` points of the small batch,
-    with every smaller multiple also within (rows of one optimizer and budget, by k)."""
+    """Going through ``rows`` (of one optimizer and budget) in order, the last whose mean is
+    within ``within`` points of the usual small-batch result (``vs_reference``: SGD at the small
+    batch, same epochs) with every row before it also within, and the first that is not."""
     held = None
-    for row in sorted(rows, key=lambda r: r["k"]):
-        if row["vs_small"]["diff"] < -within:
-            return {"k": held["k"] if held else None, "vs_small": held["vs_small"] if held else None,
-                    "first_outside": {"k": row["k"], "vs_small": row["vs_small"]}}
+    for row in rows:
+        if row["vs_reference"]["diff"] < -within:
+            return {"k": held["k"] if held else None, "vs_reference": held["vs_reference"] if held else None,
+                    "first_outside": {"k": row["k"], "vs_reference": row["vs_reference"]}}
         held = row
-    return {"k": held["k"], "vs_small": held["vs_small"], "first_outside": None}
+    return {"k": held["k"], "vs_reference": held["vs_reference"], "first_outside": None}
 
 
 # --- report ----------------------------------------------------------------------------------
 
-def summarize(chosen: dict[Point, dict], results: dict[Run, dict], checks: dict[str, list[Run]]) -> dict:
+def summarize(chosen: dict[Point, dict], results: dict[Run, dict], checks: dict[str, list[Run]],
+              recalibrated_top1: dict[Run, float]) -> dict:
     top1 = lambda plan: [results[r]["top1"] for r in plan]  # noqa: E731
     study = {p: [r for r in results if r.point == p and r.data == "study" and r.accumulate == 1
                  and (r.engine, r.np) == ("torch", 1)] for p in points()}
+    reference = top1(study[Point("epochs", "sgd", 1)])  # the usual small-batch training
     rows = []
     for p in points():
         small = top1(study[Point(p.budget, "sgd", 1)])
         rows.append({"budget": p.budget, "op": p.op, "k": p.k, "batch": p.batch, "epochs": p.epochs,
                      "steps": p.epochs * (1536 // p.batch), "lr": chosen[p]["lr"], "warmup": chosen[p]["warmup"],
                      "top1": sample(top1(study[p])), "vs_small": welch(top1(study[p]), small),
+                     "vs_reference": welch(top1(study[p]), reference),
+                     "top1_bn_reestimated": sample([recalibrated_top1[r] for r in study[p]])
+                     if p.budget == "epochs" else None,
                      "diverged": sum(results[r]["diverged"] for r in study[p]),
                      "seconds_per_run": sum(results[r]["seconds"] for r in study[p]) / len(study[p])})
-    held = {b: {op: holds([r for r in rows if r["budget"] == b and r["op"] == op]) for op in OPTIMIZERS}
-            for b in ("epochs", "steps")}
+    # Same epochs: how far the batch grows before accuracy falls. Same steps: how large it must
+    # be to catch up, in as many steps as 1 epoch of the small batch, with the usual result.
+    held = {op: holds([r for r in rows if r["budget"] == "epochs" and r["op"] == op]) for op in OPTIMIZERS}
+    reached = {op: holds([r for r in rows if r["budget"] == "steps" and r["op"] == op][::-1]) for op in OPTIMIZERS}
     check_rows = []
     for label, plan in checks.items():
         p = plan[0].point
         check_rows.append({"check": label, "k": p.k, "top1": sample(top1(plan)),
                            "study": sample(top1(study[p])), "vs_study": welch(top1(plan), top1(study[p]))})
-    return {"points": rows, "holds": held, "checks": check_rows}
+    return {"points": rows, "holds": held, "catches_up": reached, "checks": check_rows}
 
 
 def _mean_std(s: dict) -> str:
@@ -366,21 +408,29 @@ def markdown(summary: dict, seconds: dict) -> str:
              f"from the sweep on a split of the training set (convergence_sweep.md)."]
     for budget, title in budgets.items():
         lines += ["", f"**Budget: {title}.**", "",
-                  "| optimizer | batch | steps | lr | warmup | top-1 | 95% CI | vs SGD at 8 [95% CI] | p |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| optimizer | batch | steps | lr | warmup | top-1 | 95% CI | vs SGD at 8 [95% CI] | p "
+                  + ("| top-1, BN statistics re-estimated |" if budget == "epochs" else f"| vs SGD at 8, {EPOCHS} epochs | p |"),
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if budget == "epochs" else " ---: | ---: |")]
         for r in (r for r in summary["points"] if r["budget"] == budget):
             diverged = f" ({r['diverged']} diverged)" if r["diverged"] else ""
             lines.append(f"| {r['op'].upper()} | {r['batch']} ({r['k']}x) | {r['steps']} | {r['lr']:g} "
                          f"| {r['warmup'] * r['epochs']:g} ep | {_mean_std(r['top1'])}{diverged} "
                          f"| {r['top1']['ci95'][0]:.2f} - {r['top1']['ci95'][1]:.2f} | {_diff(r['vs_small'])} "
-                         f"| {r['vs_small']['p']:.3f} |")
-        lines += ["", "Largest batch within one point of SGD at 8 (every smaller batch too):", ""]
-        for op, h in summary["holds"][budget].items():
-            text = (f"{SMALL * h['k']} ({h['k']}x), difference {_diff(h['vs_small'])}" if h["k"]
-                    else "none (already more than a point behind at 8)")
+                         f"| {r['vs_small']['p']:.3f} |"
+                         + (f" {_mean_std(r['top1_bn_reestimated'])} |" if budget == "epochs"
+                            else f" {_diff(r['vs_reference'])} | {r['vs_reference']['p']:.3f} |"))
+        if budget == "epochs":
+            lines += ["", f"Largest batch within one point of SGD at 8 (every smaller batch too):", ""]
+            found, none = summary["holds"], "none (already more than a point behind at 8)"
+        else:
+            lines += ["", f"Smallest batch within one point of SGD at 8 trained {EPOCHS} epochs (every larger batch "
+                      f"too):", ""]
+            found, none = summary["catches_up"], "none"
+        for op, h in found.items():
+            text = f"{SMALL * h['k']} ({h['k']}x), difference {_diff(h['vs_reference'])}" if h["k"] else none
             if h["first_outside"]:
                 f = h["first_outside"]
-                text += f"; at {SMALL * f['k']} ({f['k']}x): {_diff(f['vs_small'])}"
+                text += f"; at {SMALL * f['k']} ({f['k']}x): {_diff(f['vs_reference'])}"
             lines.append(f"- {op.upper()}: {text}")
     lines += ["", "**Checks** (LARS, same epochs; each against the study's point: torch engine, 1 process, "
               "the real large batch):", "",
@@ -407,8 +457,8 @@ def plot(summary: dict, path: Path) -> None:
             ax.plot(x, mean, "o-", color=color, label=op.upper())
             ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.2)
-        small = next(r for r in summary["points"] if r["budget"] == budget and r["op"] == "sgd" and r["k"] == 1)
-        ax.axhline(small["top1"]["mean"] - 1, color="grey", ls=":", lw=1, label="SGD at 8, minus 1 point")
+        small = next(r for r in summary["points"] if r["budget"] == "epochs" and r["op"] == "sgd" and r["k"] == 1)
+        ax.axhline(small["top1"]["mean"] - 1, color="grey", ls=":", lw=1, label=f"SGD at 8, {EPOCHS} epochs, minus 1 point")
         ax.set_xscale("log", base=2)
         ax.set_xticks([SMALL * k for k in MULTIPLES], [str(SMALL * k) for k in MULTIPLES])
         ax.set_xlabel("global batch")
@@ -477,7 +527,13 @@ def main(argv: list[str] | None = None) -> int:
                                                         args.data, args.runs, args.parallel)))
     else:
         return 0
-    summary = summarize(chosen, results, checks)
+    cache = args.runs / "bn_reestimated.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    for r in study_plan(chosen):
+        if r.point.budget == "epochs" and r.dir not in known:
+            known[r.dir] = recalibrated(r, args.data, args.runs)
+    cache.write_text(json.dumps(known))
+    summary = summarize(chosen, results, checks, {r: known[r.dir] for r in study_plan(chosen) if r.dir in known})
     text = markdown(summary, {k: v for k, v in seconds.items() if k != "report"})
     (args.out / "convergence.md").write_text(text)
     (args.out / "convergence.json").write_text(json.dumps(

@@ -56,9 +56,9 @@ def test_confidence_interval_and_welch_test():
 
 def test_the_largest_batch_held_is_the_last_before_the_first_fall():
     def row(k, diff):
-        return {"k": k, "vs_small": {"diff": diff, "ci95": [diff - 1, diff + 1], "p": 0.5}}
+        return {"k": k, "vs_reference": {"diff": diff, "ci95": [diff - 1, diff + 1], "p": 0.5}}
     rows = [row(1, 0.0), row(4, -0.5), row(16, -1.5), row(32, -0.2), row(64, -4.0)]
-    held = study.holds(rows)
+    held = study.holds(rows)  # in the order given (the study passes them by batch)
     assert held["k"] == 4 and held["first_outside"]["k"] == 16  # 32 is back within, but 16 was not
     assert study.holds([row(1, -2.0)])["k"] is None
     assert study.holds(rows[:2])["first_outside"] is None
