@@ -28,6 +28,16 @@ FAST = ["--model", MODEL, "--base-op", "lars", "--bn-bias-separately", "--label-
         "--batch-size", "16", "--val-batch-size", "32", "--workers", "0", "--print-freq", "1",
         "--warmup-epochs", "0.5", "--base-lr", "1", "--wd", "1e-4"]
 
+# The flags of the shared uninterrupted runs (tests/e2e/conftest.py, straight_runs): two
+# epochs of 10 steps on the digits, seed 7, a checkpoint every 5 steps, the last two kept.
+# The run directory ends with checkpoint-1-step15.pth.tar and checkpoint-2.pth.tar.
+STRAIGHT = ("--epochs", "2", "--seed", "7", "--checkpoint-every", "5", "--keep-checkpoints", "2")
+
+
+def job_args(data: Path, run_dir: Path, *extra) -> list:
+    """The job's flags for the ImageFolder tree ``data`` (train/, val/), run directory ``run_dir``."""
+    return ["--train-dir", data / "train", "--val-dir", data / "val", "--log-dir", run_dir, *FAST, *extra]
+
 
 def env() -> dict:
     e = dict(os.environ)
@@ -56,11 +66,47 @@ def run_job(args: list, np: int = 2, script: str = TRAIN, timeout: float = 600,
     return proc
 
 
+def run_in_process(args: list, entry: str = "folder", engine: str = "torch") -> subprocess.CompletedProcess:
+    """``python pytorch_imagenet_resnet.py ARGS`` on one process, in this one: the entry
+    scripts' own ``largebatch.cli.main``, its exit status and what it prints, without the
+    seconds a new process spends importing torch. For what one process shows (refusals, a
+    finished run); tests that need the script as a process, or several ranks, use run_job.
+
+    ``--engine engine`` is added unless ``args`` name one: the torch engine's one-process
+    Gloo group, where the default (auto) would start Horovod's MPI inside pytest.
+    Afterwards, what the process's exit would undo: the stop-signal handlers main installs,
+    the run-directory locks it holds, the process group."""
+    import contextlib
+    import io
+    import signal
+
+    import torch.distributed as dist
+
+    from largebatch import cli, runlock
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [*map(str, args), "--engine", engine] if "--engine" not in map(str, args) else list(map(str, args))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(entry, argv)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for lock in list(runlock._HELD.values()):
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def run_mpi_script(script: Path, args: list = (), np: int = 2, timeout: float = 300,
-                   engine: str = "horovod") -> subprocess.CompletedProcess:
+                   engine: str = "horovod", check: bool = True) -> subprocess.CompletedProcess:
     """Run a helper script of the tests under mpirun on ``engine``; fails the test on a
-    non-zero exit. The script reports what it checked as JSON lines (``results``)."""
-    return run_job(list(args), np=np, script=str(script), timeout=timeout, extra_env={"LARGEBATCH_TEST_ENGINE": engine})
+    non-zero exit (unless not ``check``). The script reports what it checked as JSON lines
+    (``results``)."""
+    return run_job(list(args), np=np, script=str(script), timeout=timeout, check=check,
+                   extra_env={"LARGEBATCH_TEST_ENGINE": engine})
 
 
 def results(stdout: str) -> list[dict]:

@@ -14,8 +14,7 @@ import subprocess
 import time
 
 
-from helpers import PYTHON, ROOT, TRAIN, env, latest_checkpoint, run_job
-from test_training import job_args
+from helpers import PYTHON, ROOT, TRAIN, env, job_args, latest_checkpoint, run_job
 
 COMPILE_ENV = {"LARGEBATCH_COMPILE_BACKEND": "aot_eager"}
 FLAGS = ["--epochs", "2", "--seed", "5", "--engine", "torch", "--channels-last", "--batches-per-allreduce", "2",

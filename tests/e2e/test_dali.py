@@ -12,7 +12,8 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import FAST, MODEL, PYTHON, ROOT, TRAIN, TRAIN_DALI, env, latest_checkpoint, mpi_command, results, run_and_signal, run_job, run_mpi_script
+from helpers import (FAST, MODEL, PYTHON, ROOT, TRAIN_DALI, env, latest_checkpoint, results, run_and_signal, run_job,
+                     run_mpi_script)
 from largebatch.config import UsageError, parse_config
 from largebatch.data import tfrecord
 from largebatch.data.dali import DaliInput
@@ -276,20 +277,15 @@ def test_gpu_pipeline_without_gpu_is_a_one_line_error(records, tmp_path):
 
 @pytest.mark.dali
 @pytest.mark.mpi
-def test_dali_job_trains_resumes_and_logs_like_torchvision(digits, records, tmp_path):
+def test_dali_job_trains_resumes_and_logs_like_torchvision(straight_runs, digits, records, tmp_path):
     """Two ranks, TFRecords, CPU pipeline: stopped mid-epoch by SIGUSR1, resumed with
     --resume auto, and the result equals an uninterrupted run (the resumed epoch replays
-    its first batches); TensorBoard tags are the torchvision job's."""
+    its first batches); TensorBoard tags are the torchvision job's (the shared LARS run of
+    the same flags on the digits' folders, conftest.py)."""
     common = [*FAST, "--dali-device", "cpu", "--dali-threads", "1", "--epochs", "2", "--seed", "7"]
-    straight, interrupted, torchvision_run = tmp_path / "straight", tmp_path / "interrupted", tmp_path / "torchvision"
-    # The uninterrupted DALI run and a torchvision run (for its TensorBoard tags), side by side.
-    side = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
-            for cmd in (mpi_command(2, TRAIN_DALI, ["--data-dir", records, *common, "--log-dir", straight]),
-                        [PYTHON, TRAIN, *map(str, ["--train-dir", digits / "train", "--val-dir", digits / "val",
-                                                   *FAST, "--epochs", "1", "--log-dir", torchvision_run])])]
-    for job in side:
-        out, _ = job.communicate(timeout=300)
-        assert job.returncode == 0, out
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    torchvision_run = straight_runs("horovod").run_dir
+    run_job(["--data-dir", records, *common, "--log-dir", straight], script=TRAIN_DALI)
 
     args = ["--data-dir", records, *common, "--log-dir", interrupted]
     output = run_and_signal(args, when="epoch 2/2 step 3/", marker=str(interrupted), script=TRAIN_DALI)

@@ -8,10 +8,9 @@ import subprocess
 
 import pytest
 
-from helpers import (MODEL, PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, results, run_and_signal,
-                     run_job, run_mpi_script)
+from helpers import (MODEL, PYTHON, ROOT, TRAIN, env, job_args, latest_checkpoint, mpi_command, run_and_signal,
+                     run_in_process, run_job)
 from test_bad_input import assert_usage_error
-from test_training import SCRIPTS, job_args
 
 pytestmark = pytest.mark.mpi
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
@@ -30,35 +29,33 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-def test_same_seed_same_weights_on_both_engines(digits, tmp_path):
-    """Two processes, one epoch of LARS from the same seed, under each engine. The engines
-    sum in different orders ((a + b) / 2 against a / 2 + b / 2), which two processes make
-    exact (halving is exact; measured: identical weights) but more need not, so the bound
-    allows float rounding after 10 steps."""
-    args = ["--epochs", "1", "--warmup-epochs", "0.5", "--base-op", "lars", "--seed", "5"]
-    run_job(job_args(digits, tmp_path / "hvd", *args, "--engine", "horovod"))
-    proc = run_job(job_args(digits, tmp_path / "torch", *args, "--engine", "torch"))
-    assert "torch engine" in proc.stdout
-    hvd, tch = latest_checkpoint(tmp_path / "hvd"), latest_checkpoint(tmp_path / "torch")
+def test_same_seed_same_weights_on_both_engines(straight_runs):
+    """Two processes, two epochs of LARS from the same seed, under each engine (conftest.py's
+    straight_runs). The engines sum in different orders ((a + b) / 2 against a / 2 + b / 2),
+    which two processes make exact (halving is exact; measured: identical weights) but more
+    need not, so the bound allows float rounding after 20 steps."""
+    runs = {name: straight_runs(name) for name in ("horovod", "torch")}
+    assert "2 process(es), horovod engine" in runs["horovod"].stdout
+    assert "2 process(es), torch engine" in runs["torch"].stdout
+    hvd, tch = latest_checkpoint(runs["horovod"].run_dir), latest_checkpoint(runs["torch"].run_dir)
     assert (hvd["engine"], tch["engine"]) == ("horovod", "torch")
     difference = max_difference(hvd["model"], tch["model"])
     print(f"largest weight difference between the engines: {difference:.3e}")
     assert difference < 1e-4
 
 
-def test_horovod_run_resumes_under_torchrun(digits, tmp_path):
+def test_horovod_run_resumes_under_torchrun(straight_runs, digits, tmp_path):
     """Stopped after its first epoch under Horovod, continued under torchrun: it ends where
-    the uninterrupted Horovod run ends (to float rounding: the second epoch's sums are the
-    torch engine's)."""
-    args = ["--epochs", "2", "--seed", "9"]
-    run_job(job_args(digits, tmp_path / "straight", *args, "--engine", "horovod"))
-    moved = job_args(digits, tmp_path / "moved", *args)
+    the uninterrupted Horovod run (conftest.py's straight_runs) ends (to float rounding: the
+    second epoch's sums are the torch engine's)."""
+    reference = straight_runs("horovod")
+    moved = job_args(digits, tmp_path / "moved", *reference.flags)
     run_and_signal([*moved, "--engine", "horovod"], when="epoch 1/2: val", marker=str(tmp_path / "moved"))
     stopped = latest_checkpoint(tmp_path / "moved")
     assert (stopped["engine"], stopped["epoch"]) == ("horovod", 1)
     proc = torchrun(moved)
     assert "resuming from" in proc.stdout and "torch engine" in proc.stdout
-    straight, resumed = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "moved")
+    straight, resumed = latest_checkpoint(reference.run_dir), latest_checkpoint(tmp_path / "moved")
     assert (resumed["engine"], resumed["step"]) == ("torch", straight["step"])
     assert max_difference(straight["model"], resumed["model"]) < 1e-4
 
@@ -104,18 +101,24 @@ def test_torch_engine_never_imports_horovod(digits, tmp_path):
     ("torch", ["--prof", "2", "--timeline"], "--timeline needs the Horovod engine"),
     ("horovod", ["--bf16-allreduce"], "--bf16-allreduce needs the torch engine")])
 def test_flags_of_one_engine_are_refused_under_the_other(engine_name, flags, fragment, tmp_path):
-    proc = run_job(["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16",
-                    "--val-resize", "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
-                    "--engine", engine_name, "--log-dir", tmp_path / "run", *flags], np=2, check=False, timeout=120)
+    """Under Horovod: a real 2-rank job. The torch engine's refusals come from the same check
+    (job.start_engine) on a one-process group, in the test's process."""
+    args = ["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16", "--val-resize", "16",
+            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--engine", engine_name,
+            "--log-dir", tmp_path / "run", *flags]
+    if engine_name == "horovod":
+        proc = run_job(args, np=2, check=False, timeout=120)
+    else:
+        proc = run_in_process(args)
     assert_usage_error(proc, fragment)
 
 
-def test_compressed_and_predivided_gradients_are_the_average(engine):
+def test_compressed_and_predivided_gradients_are_the_average(engine_checks, engine):
     """--fp16-allreduce, --bf16-allreduce (torch engine) and --gradient-predivide-factor,
     against the exact average of both ranks' gradients: uncompressed, to fp32 rounding;
     compressed, within the dtype's rounding and not exact (the values did travel narrowed)."""
     bound = {"none": 1e-6, "fp16": 2 ** -10, "bf16": 2 ** -7}  # twice each type's unit roundoff
-    reports = results(run_mpi_script(SCRIPTS / "compression.py", engine=engine).stdout)
+    reports = engine_checks(engine, "compression")
     expected = {"none", "fp16", "bf16"} if engine == "torch" else {"none", "fp16"}
     assert {r["compression"] for r in reports} == expected and len(reports) == 2 * 2 * len(expected), reports
     for r in reports:

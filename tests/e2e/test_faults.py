@@ -20,19 +20,19 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import (MODEL, MPIRUN, PYTHON, ROOT, TRAIN, env, latest_checkpoint, mpi_command, run_and_signal, run_job,
-                     signal_ranks)
+from helpers import (MODEL, MPIRUN, PYTHON, ROOT, STRAIGHT, TRAIN, env, job_args, latest_checkpoint, mpi_command, run_and_signal,
+                     run_in_process, run_job, signal_ranks)
 from largebatch import checkpoint
 from largebatch.data.sampler import TrainShard
 from largebatch.files import host, temp_path
 from test_bad_input import assert_usage_error
-from test_training import job_args
 
 pytestmark = pytest.mark.mpi
 
-# Two epochs of 10 steps, a checkpoint every 5 steps, the last two kept: the run directory
-# ends with checkpoint-1-step15.pth.tar (older) and checkpoint-2.pth.tar (newest).
-RUN = ["--epochs", "2", "--seed", "7", "--checkpoint-every", "5", "--keep-checkpoints", "2"]
+# Two epochs of 10 steps, a checkpoint every 5 steps, the last two kept (helpers.STRAIGHT,
+# the flags of the shared straight run): the run directory ends with
+# checkpoint-1-step15.pth.tar (older) and checkpoint-2.pth.tar (newest).
+RUN = list(STRAIGHT)
 OLDER, NEWEST = "checkpoint-1-step15.pth.tar", "checkpoint-2.pth.tar"
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 LAUNCH = [PYTHON, "-m", "largebatch.launch"]
@@ -122,11 +122,11 @@ def rank_pids(marker: str) -> dict[int, int]:
 
 # --- what the tests compare ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def straight(digits, tmp_path_factory) -> Path:
-    """The uninterrupted run every resumed one must end like."""
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    run_job(job_args(digits, run_dir, *RUN))
+@pytest.fixture
+def straight(straight_runs) -> Path:
+    """The uninterrupted run every resumed one must end like: RUN under mpirun, which picks
+    Horovod (conftest.py's straight_runs, shared with other modules; tests copy it)."""
+    run_dir = straight_runs("horovod").run_dir
     assert json.loads((run_dir / checkpoint.MANIFEST).read_text())["files"] == [OLDER, NEWEST]
     return run_dir
 
@@ -182,8 +182,9 @@ def test_damaged_newest_checkpoint_resumes_from_the_older_one(straight, digits, 
         corrupt_middle(newest)
     else:
         newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-        # Named explicitly, a damaged checkpoint is refused, not skipped: one line, exit 2.
-        proc = run_job(job_args(digits, run_dir, *RUN, "--resume", newest), check=False, timeout=300)
+        # Named explicitly, a damaged checkpoint is refused, not skipped: one line, exit 2
+        # (rank 0 reads it; one process, in this one).
+        proc = run_in_process(job_args(digits, run_dir, *RUN, "--resume", newest))
         assert_usage_error(proc, str(newest), "truncated or damaged")
         assert len(error_lines(proc.stderr)) == 1, proc.stderr
 
@@ -210,7 +211,7 @@ def test_second_run_into_the_same_directory_is_refused(digits, tmp_path, backgro
     holder = json.loads((run_dir / ".lock").read_text())
     assert holder["pid"] in rank_pids(str(run_dir)).values()
 
-    second = run_job(args, check=False, timeout=300)
+    second = run_in_process(args)  # a second run, one process in this one: the lock is the first run's rank 0's
     assert_usage_error(second, f"--log-dir {run_dir} is in use by a run on host {socket.gethostname()}, "
                                f"pid {holder['pid']}, started {holder['started']}")
     assert len(error_lines(second.stderr)) == 1, second.stderr
@@ -280,7 +281,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(straigh
     size = (straight / NEWEST).stat().st_size  # every checkpoint of this model is this big
     resize(size * 3 // 2)  # the first checkpoint fits, a second does not
     run_dir = mount / "run"
-    args = job_args(digits, run_dir, "--epochs", "3", "--seed", "7", "--keep-checkpoints", "2")
+    args = job_args(digits, run_dir, "--epochs", "2", "--seed", "7", "--keep-checkpoints", "2")
     proc = run_job(args, check=False)
     first, second = run_dir / "checkpoint-1.pth.tar", run_dir / "checkpoint-2.pth.tar"
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -298,8 +299,8 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(straigh
     resize(size * 5 // 2)
     proc = run_job([*args, "--keep-checkpoints", "1"])
     assert f"resuming from {first}" in proc.stdout
-    assert status(run_dir)["state"] == "finished" and status(run_dir)["epoch"] == 3
-    assert json.loads((run_dir / checkpoint.MANIFEST).read_text())["files"] == ["checkpoint-3.pth.tar"]
+    assert status(run_dir)["state"] == "finished" and status(run_dir)["epoch"] == 2
+    assert json.loads((run_dir / checkpoint.MANIFEST).read_text())["files"] == ["checkpoint-2.pth.tar"]
 
 
 # --- divergence ----------------------------------------------------------------------------------
@@ -348,13 +349,13 @@ def test_class_without_a_readable_image_is_refused(digits, tmp_path):
     shutil.copytree(digits, data)
     for path in (data / "train" / "3").iterdir():
         path.write_bytes(b"not an image")
-    proc = run_job(job_args(data, tmp_path / "run", "--epochs", "1"), check=False, timeout=300)
+    proc = run_in_process(job_args(data, tmp_path / "run", "--epochs", "1"))  # both ranks' stop: test_bad_input
     assert_usage_error(proc, f"--train-dir {data / 'train'}: class '3' has no readable image", "fix or remove")
     assert len(error_lines(proc.stderr)) == 1, proc.stderr
 
 
 def test_batch_of_one_image_is_refused_with_batch_norm(digits, tmp_path):
-    proc = run_job(job_args(digits, tmp_path / "run", "--epochs", "1", "--batch-size", "1"), check=False, timeout=300)
+    proc = run_in_process(job_args(digits, tmp_path / "run", "--epochs", "1", "--batch-size", "1"))
     assert_usage_error(proc, f"--batch-size 1 cannot train {MODEL}", "--batch-size 2 or more")
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import MODEL, latest_checkpoint, load_checkpoint, results, run_job, run_mpi_script
+from helpers import MODEL, job_args, latest_checkpoint, load_checkpoint, results, run_in_process, run_job, run_mpi_script
 from largebatch.config import parse_config
 from largebatch.data.folder import val_transform
 from largebatch.metrics import topk_hits
 from largebatch.model import build_model
 from test_bad_input import assert_usage_error
-from test_training import job_args, val_lines
+from test_training import val_lines
 
 # Every test starts mpirun jobs (some through the two_process_run fixture).
 pytestmark = pytest.mark.mpi
@@ -30,10 +30,9 @@ VAL_3 = ["--val-batch-size", "25"]
 
 
 @pytest.mark.parametrize("dim", [1, 0])
-def test_sharded_steps_equal_dense_steps(dim, engine):
-    proc = run_mpi_script(SCRIPTS / "parallel_step.py", [dim], engine=engine)
-    cases = {r["case"]: r for r in results(proc.stdout)}  # the script asserts; rank 0 reports each case
-    assert len(cases) == 6, proc.stdout  # SGD, LARS, LAMB x 10 and 7 classes
+def test_sharded_steps_equal_dense_steps(engine_checks, dim, engine):
+    cases = {r["case"]: r for r in engine_checks(engine, "parallel_step", str(dim))}  # rank 0 reports each case
+    assert len(cases) == 6, cases  # SGD, LARS, LAMB x 10 and 7 classes
     assert all(r["moved"] > 1e-3 and r["difference"] < r["tolerance"] for r in cases.values()), cases
 
 
@@ -126,8 +125,8 @@ def test_each_rank_loads_its_slice_and_saves_the_same_dense_state(two_process_ru
 
 
 def test_models_that_cannot_be_split_are_refused(tmp_path):
-    proc = run_job(["--synthetic", "--model", "squeezenet1_0", "--enable-model-parallel", "--log-dir", tmp_path / "a",
-                    "--epochs", "1", "--warmup-epochs", "0"], np=1, check=False)
+    proc = run_in_process(["--synthetic", "--model", "squeezenet1_0", "--enable-model-parallel", "--log-dir",
+                           tmp_path / "a", "--epochs", "1", "--warmup-epochs", "0"])
     assert_usage_error(proc, "--enable-model-parallel", "nn.Linear")
     proc = run_job(["--synthetic", "--model", "resnet18", "--num-classes", "1", "--enable-model-parallel",
                     "--image-size", "16", "--val-resize", "16", "--log-dir", tmp_path / "b", "--epochs", "1",

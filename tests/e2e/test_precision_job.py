@@ -1,24 +1,19 @@
 """Precision levels and the Apex controls in the real job, under mpirun -np 2."""
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
-from helpers import latest_checkpoint, results, run_job, run_mpi_script
+from helpers import job_args, latest_checkpoint, run_in_process, run_job
 from test_bad_input import assert_usage_error
-from test_training import job_args
 from largebatch.events import read_scalars
-
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.mark.mpi
-def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant(engine):
-    proc = run_mpi_script(SCRIPTS / "loss_scaling.py", engine=engine)
-    reports = results(proc.stdout)
+def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant(engine_checks, engine):
+    reports = engine_checks(engine, "loss_scaling")
     assert [(r["rank"], r["skipped_steps"], r["lars_scale_invariant"]) for r in sorted(reports, key=lambda r: r["rank"])] \
-        == [(0, 1, True), (1, 1, True)], proc.stdout
+        == [(0, 1, True), (1, 1, True)], reports
 
 
 @pytest.mark.mpi
@@ -38,6 +33,7 @@ def test_bf16_trains_end_to_end(digits, tmp_path, flags, param_dtype, learns):
     losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
     steps = 20 // (2 if "--batches-per-allreduce" in flags else 1)  # 2 epochs of 10 micro-batches
     assert len(losses) == steps and all(v == v and v < 100 for v in losses)  # finite, every step logged
+    assert state["step"] == steps  # with accumulation, optimizer steps are counted, not micro-batches
     if learns:
         assert sum(losses[-4:]) < sum(losses[:4]), "bf16 training did not learn"
 
@@ -79,5 +75,5 @@ def test_prof_writes_traces_and_stops(digits, tmp_path, engine):
     (["--sync-bn"], "--sync-bn needs GPUs"),
 ])
 def test_gpu_only_choices_fail_clearly_on_cpu(digits, tmp_path, flags, message):
-    proc = run_job(job_args(digits, tmp_path / "run", "--epochs", "1", *flags), np=1, check=False)
+    proc = run_in_process(job_args(digits, tmp_path / "run", "--epochs", "1", *flags))
     assert_usage_error(proc, message)

@@ -1,14 +1,17 @@
 """`python -m largebatch.report` on real runs: a 2-process LARS job and a 1-process SGD job
-on the digits, plotted together, with a summary that matches their event files."""
+on the digits (the session's shared runs, conftest.py), plotted together, with a summary
+that matches their event files."""
 from __future__ import annotations
 
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import FAST, PYTHON, ROOT, env, run_job
+from helpers import PYTHON, ROOT, env
+from largebatch import report as report_module
 from largebatch.events import read_scalars
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,13 +23,13 @@ def report(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(digits, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("report_runs")
-    lars_run, sgd_run = root / "lars", root / "sgd"
-    data = ["--train-dir", digits / "train", "--val-dir", digits / "val"]
-    run_job([*data, "--log-dir", lars_run, *FAST, "--epochs", "2", "--base-op", "lars"], np=2)
-    run_job([*data, "--log-dir", sgd_run, *FAST, "--epochs", "2", "--base-op", "sgd", "--base-lr", "0.05"], np=1)
-    return lars_run, sgd_run
+def runs(straight_runs, one_process_run, tmp_path_factory) -> tuple[Path, Path]:
+    """The shared 2-process LARS run (Horovod, 2 epochs) copied to a directory named lars
+    (the report writes into a single run's directory), and the shared 1-process SGD run."""
+    lars_run = tmp_path_factory.mktemp("report_runs") / "lars"
+    shutil.copytree(straight_runs("horovod").run_dir, lars_run)
+    assert one_process_run.run_dir.name == "sgd"
+    return lars_run, one_process_run.run_dir
 
 
 def summary_row(text: str, name: str) -> list[str]:
@@ -107,8 +110,10 @@ def test_loss_scale_is_plotted_when_present(tmp_path):
     (["{empty}", "{empty}"], "--out DIR is required"),
     (["{empty}", "--labels", "a,b"], "one non-empty label per run directory"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    """The command's main in this process (the tests above run it as a process)."""
     (tmp_path / "empty").mkdir()
-    proc = report(*[a.format(empty=tmp_path / "empty") for a in args])
-    assert proc.returncode == 2
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    code = report_module.main([a.format(empty=tmp_path / "empty") for a in args])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision import datasets
 
-from helpers import FAST, latest_checkpoint, load_checkpoint, results, run_and_signal, run_job, run_mpi_script
+from helpers import job_args, latest_checkpoint, load_checkpoint, run_and_signal, run_in_process, run_job
 from largebatch.data.folder import val_transform
 from largebatch.config import parse_config
 from largebatch.events import histogram_tags, read_scalars
@@ -18,12 +17,6 @@ from largebatch.model import build_model
 
 # Every test starts mpirun jobs.
 pytestmark = pytest.mark.mpi
-
-SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def job_args(data: Path, run_dir: Path, *extra) -> list:
-    return ["--train-dir", data / "train", "--val-dir", data / "val", "--log-dir", run_dir, *FAST, *extra]
 
 
 def val_lines(stdout: str) -> list[dict]:
@@ -82,16 +75,18 @@ def test_checkpoints_status_and_tensorboard(digits, tmp_path):
     losses = [v for _, v in scalars["train/loss"]]
     assert sum(losses[-5:]) < sum(losses[:5]), "training loss did not fall"
 
-    # Running the finished run again does nothing and says so.
-    again = run_job(job_args(digits, run_dir, "--epochs", "3", "--keep-checkpoints", "2", "--model", "resnet18"), np=1)
-    assert "already finished" in again.stdout
+    # Running the finished run again (one process, torch engine) does nothing and says so.
+    again = run_in_process(job_args(digits, run_dir, "--epochs", "3", "--keep-checkpoints", "2", "--model", "resnet18"))
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr
+    assert json.loads((run_dir / "checkpoints.json").read_text())["files"] == files
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path, engine):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_job(job_args(digits, straight, "--epochs", "2", "--seed", "7", "--engine", engine))
-
-    args = job_args(digits, interrupted, "--epochs", "2", "--seed", "7", "--engine", engine)
+def test_interrupted_and_resumed_equals_uninterrupted(straight_runs, digits, tmp_path, engine):
+    """Stopped by SIGUSR1 in epoch 1, resumed: the same weights and momentum, bit for bit, as
+    the uninterrupted run of the same flags (conftest.py's straight_runs)."""
+    straight = straight_runs(engine)
+    interrupted = tmp_path / "interrupted"
+    args = job_args(digits, interrupted, *straight.flags, "--engine", engine)
     output = run_and_signal(args, when="epoch 1/2 step 4/", marker=str(interrupted))
     status = json.loads((interrupted / "status.json").read_text())
     assert status["state"] == "stopped", output
@@ -99,7 +94,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path, engine):
 
     resumed = run_job(args)
     assert "resuming from" in resumed.stdout
-    a, b = latest_checkpoint(straight), latest_checkpoint(interrupted)
+    a, b = latest_checkpoint(straight.run_dir), latest_checkpoint(interrupted)
     assert a["step"] == b["step"] == 20
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), f"{name} differs after interrupt + resume"
@@ -107,24 +102,16 @@ def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path, engine):
         assert torch.equal(buf["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
 
 
-def test_gradient_accumulation_equals_large_batch(engine):
+def test_gradient_accumulation_equals_large_batch(engine_checks, engine):
     for op in ("lars", "sgd"):
-        proc = run_mpi_script(SCRIPTS / "accumulation.py", [op], engine=engine)
-        reports = results(proc.stdout)  # the script asserts the equality; each rank reports its numbers
-        assert sorted(r["rank"] for r in reports) == [0, 1], proc.stdout
+        reports = engine_checks(engine, "accumulation", op)  # the script asserts the equality; each rank reports
+        assert sorted(r["rank"] for r in reports) == [0, 1], reports
         assert all(r["moved"] > 1e-4 and r["difference"] < 1e-5 * max(1.0, r["moved"]) for r in reports), reports
 
 
-def test_accumulation_counts_optimizer_steps(digits, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(job_args(digits, run_dir, "--epochs", "1", "--warmup-epochs", "0", "--batches-per-allreduce", "2"))
-    assert latest_checkpoint(run_dir)["step"] == 5  # 10 micro-batches per rank, 2 per step
-
-
-def test_startup_broadcast_leaves_weights_unchanged(tmp_path, engine):
-    proc = run_mpi_script(SCRIPTS / "startup_broadcast.py", [tmp_path / "run"], engine=engine)
-    reports = results(proc.stdout)
-    assert sorted(r["rank"] for r in reports if r["fresh_equal"] and r["resumed_equal"]) == [0, 1], proc.stdout
+def test_startup_broadcast_leaves_weights_unchanged(engine_checks, engine):
+    reports = engine_checks(engine, "startup_broadcast")
+    assert sorted(r["rank"] for r in reports if r["fresh_equal"] and r["resumed_equal"]) == [0, 1], reports
 
 
 def test_corrupt_images_are_skipped_and_reported_once(digits, tmp_path):

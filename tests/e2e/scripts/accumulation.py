@@ -1,16 +1,14 @@
-"""Under mpirun -np 2: N micro-batches with --batches-per-allreduce N give the same weights
+"""Under mpirun -np 2 (checks.py accumulation:OP, OP lars or sgd): N micro-batches with --batches-per-allreduce N give the same weights
 as one step on the N-times larger batch (a model without batch norm; LARS or SGD).
 
 Built by the job's own factory (build_state) and stepped by its own train_step."""
-import sys
-
 import torch
 
 from largebatch.config import parse_config
 from largebatch.job import build_state
 from largebatch.metrics import Meter
 from largebatch.train import train_step
-from script import emit, start_engine
+from script import emit
 
 CPU = torch.device("cpu")
 
@@ -21,8 +19,8 @@ def make_model():
                                torch.nn.Flatten(), torch.nn.Linear(32, 10))
 
 
-def run(engine, n_micro, micro_batch, data):
-    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", sys.argv[1], "--bn-bias-separately", "--label-smoothing", "0", "--base-lr", "0.5",
+def run(engine, op, n_micro, micro_batch, data):
+    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", op, "--bn-bias-separately", "--label-smoothing", "0", "--base-lr", "0.5",
                         "--wd", "1e-3", "--epochs", "2", "--warmup-epochs", "1",
                         "--batch-size", str(micro_batch), "--batches-per-allreduce", str(n_micro)])
     state = build_state(cfg, engine, CPU, num_classes=10, steps_per_epoch=3, model=make_model())
@@ -35,12 +33,11 @@ def run(engine, n_micro, micro_batch, data):
     return [p.detach().clone() for p in state.model.parameters()]
 
 
-def main():
-    engine = start_engine()
+def check(engine, op: str):
     g = torch.Generator().manual_seed(100 + engine.rank)  # each rank its own data
     data = (torch.randn(3, 8, 3, 12, 12, generator=g), torch.randint(0, 10, (3, 8), generator=g))
-    accumulated = run(engine, n_micro=2, micro_batch=4, data=data)
-    whole = run(engine, n_micro=1, micro_batch=8, data=data)
+    accumulated = run(engine, op, n_micro=2, micro_batch=4, data=data)
+    whole = run(engine, op, n_micro=1, micro_batch=8, data=data)
     initial = [p.detach() for p in make_model().parameters()]
     moved = max((a - i).abs().max().item() for a, i in zip(accumulated, initial))
     worst = max((a - w).abs().max().item() for a, w in zip(accumulated, whole))
@@ -48,6 +45,3 @@ def main():
     assert moved > 1e-4, "the steps did not change the weights"
     assert worst < 1e-5 * max(1.0, moved), f"accumulated and whole-batch steps differ by {worst}"
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Under mpirun -np 2 (or torchrun): gradients reduced by the engine, for each compression
+"""Under mpirun -np 2 (checks.py compression): gradients reduced by the engine, for each compression
 (none, fp16, bf16 where the engine has it) and --gradient-predivide-factor 1 and 4, against
 the exact fp32 average of every rank's own gradients (all gathered).
 
@@ -7,7 +7,7 @@ rounding, and off at all (the values did travel in the narrower type)."""
 import torch
 
 from largebatch.engines.base import Engine
-from script import emit, start_engine
+from script import emit
 
 DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,8 +38,7 @@ def reduced_gradients(engine: Engine, data, compression, predivide) -> list[torc
     return out
 
 
-def main():
-    engine = start_engine()
+def check(engine):
     g = torch.Generator().manual_seed(10 + engine.rank)
     data = torch.randn(32, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
     own = local_gradients(make_model(), data)
@@ -53,6 +52,3 @@ def main():
             error = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(got, exact))
             emit(rank=engine.rank, compression=name, predivide=predivide, error=error)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Under mpirun -np 2, built by the job's factory and stepped by its own train_step:
+"""Under mpirun -np 2 (checks.py loss_scaling), built by the job's factory and stepped by its own train_step:
 1. an overflow on one rank (O1, dynamic scale) skips exactly that step on every rank:
    weights, LARS momentum and the schedule are untouched, the scale halves, the skip is counted;
 2. LARS sees unscaled gradients: the same step at two loss scales gives the same update."""
@@ -9,7 +9,7 @@ from largebatch.job import build_state
 from largebatch.metrics import Meter
 from largebatch.precision import Policy, Precision
 from largebatch.train import train_step
-from script import emit, start_engine
+from script import emit
 
 CPU = torch.device("cpu")
 
@@ -74,12 +74,8 @@ def lars_update_ignores_loss_scale(engine):
     assert equal(updates[0], updates[1]), "the LARS update depends on the loss scale"
 
 
-def main():
-    engine = start_engine()
+def check(engine):
     skipped = overflow_skips_one_step(engine)
     lars_update_ignores_loss_scale(engine)
     emit(rank=engine.rank, skipped_steps=skipped, lars_scale_invariant=True)
 
-
-if __name__ == "__main__":
-    main()

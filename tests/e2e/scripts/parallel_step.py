@@ -2,13 +2,12 @@
 weights and optimizer state of the dense model stepped on one process with the same global
 batch: backbone on every rank, classifier reassembled on rank 0.
 
-    parallel_step.py DIM
+    checks.py parallel_step:DIM
 
 Covers SGD, LARS and LAMB; even and uneven class counts; an odd feature count (uneven
 feature slices for dim 0); ranks with different numbers of rows; label smoothing. Uses the
 job's own factory (build_state) and its train_step."""
 import copy
-import sys
 
 import torch
 
@@ -16,7 +15,7 @@ from largebatch.config import parse_config
 from largebatch.job import build_optimizer, build_scheduler, build_state
 from largebatch.metrics import Meter
 from largebatch.train import train_step
-from script import emit, start_engine
+from script import emit
 
 STEPS, GLOBAL_BATCH = 2, 12
 
@@ -87,13 +86,9 @@ def compare(dist, dim: int, op: str, num_classes: int) -> None:
     assert worst < tolerance, f"{case}: sharded and dense steps differ by {worst:.2e}"
 
 
-def main():
-    dim = int(sys.argv[1])
-    dist = start_engine()
+def check(dist, dim: str):
+    dim = int(dim)
     for op in ("sgd", "lars", "lamb"):
         for num_classes in (10, 7):
             compare(dist, dim, op, num_classes)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,13 @@
 """What every helper script under tests/e2e/scripts shares: the engine the test asked for
 (LARGEBATCH_TEST_ENGINE, set by tests/helpers.py's run_mpi_script) and its results, one JSON
-object per line on stdout, which the tests parse (tests/helpers.py: ``results``)."""
+object per line on stdout, which the tests parse (tests/helpers.py: ``results``). Under
+checks.py, which runs several scripts' checks in one job, each line also names its check."""
 import json
 import os
 
 from largebatch.engines import init_engine
+
+current: dict = {}  # {"script": NAME, "arg": ARG} while checks.py runs that check
 
 
 def start_engine():
@@ -12,4 +15,4 @@ def start_engine():
 
 
 def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
+    print(json.dumps({**current, **fields}), flush=True)
