@@ -100,6 +100,7 @@ class NumericsConfig:
     prof: int
     timeline: bool
     compile: str | None  # torch.compile mode of the forward pass (None: eager)
+    threads: int | None  # intra-op CPU threads per process (None: OMP_NUM_THREADS, else PyTorch's default)
     policy: object  # precision.Policy, resolved once from the four flags above (precision.py)
 
 
@@ -309,6 +310,9 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
                    choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the model's training forward pass; MODE: default, reduce-overhead "
                         "(CUDA graphs) or max-autotune (checkpoints stay plain state dicts)")
+    n.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads per process for PyTorch's operations (default: OMP_NUM_THREADS as set, "
+                        "even above the core count, where PyTorch alone would cap it; else PyTorch's default)")
 
     h = p.add_argument_group("distribution")
     h.add_argument("--engine", choices=["auto", "horovod", "torch"], default="auto",

@@ -399,3 +399,21 @@ def test_resume_keeps_the_checkpoints_hyperparameters_and_says_so():
                     "run keeps the checkpoint's values, which live on in its optimizer and schedule state; a new "
                     "--log-dir starts a run with the new ones")
     assert checkpoint.ignored_changes({"args": old_cfg.to_dict()}, old_cfg) is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.complex64])
+def test_one_non_finite_value_anywhere_makes_the_state_non_finite(bad, dtype):
+    good = {"model": {"w": torch.ones(5, 3, dtype=dtype), "empty": torch.zeros(0, dtype=dtype),
+                      "steps": torch.tensor(7)},
+            "optimizer": {"state": {0: {"momentum_buffer": -torch.ones(4, dtype=dtype)}}, "param_groups": []}}
+    assert checkpoint.all_finite(good) is True
+    for part, key in (("model", "w"), ("optimizer", None)):
+        broken = {"model": dict(good["model"]), "optimizer": {"state": {0: {}}, "param_groups": []}}
+        tensor = torch.ones(4, dtype=dtype)
+        tensor[2] = bad if not dtype.is_complex else complex(1, bad)  # the imaginary part counts too
+        if key:
+            broken["model"][key] = tensor
+        else:
+            broken["optimizer"]["state"][0]["momentum_buffer"] = tensor
+        assert checkpoint.all_finite(broken) is False, (part, dtype, bad)
