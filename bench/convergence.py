@@ -55,8 +55,6 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from machine import describe  # noqa: E402  (bench/ is first on sys.path)
-
 ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = 8
@@ -498,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "convergence")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
+    from machine import describe  # a sibling: `python bench/convergence.py` puts bench/ first on sys.path
     import largebatch.job  # noqa: F401  torch and the job's modules, once, before the runs fork
     write_data(args.data)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,17 @@
 """The convergence study's plan and statistics (bench/convergence.py): what each run is asked
 to do, and the numbers its report rests on."""
+import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import convergence as study  # noqa: E402
+# A script, not a package module: loaded from its file (its sibling imports happen in main()).
+_spec = importlib.util.spec_from_file_location(
+    "convergence", Path(__file__).resolve().parents[2] / "bench" / "convergence.py")
+study = sys.modules["convergence"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(study)
 
 
 def flag(argv, name):
