@@ -41,6 +41,13 @@ def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
     configure_threads(cfg.numerics.threads)
     engine = start_engine(cfg)
+    try:
+        return run_on(engine, cfg, entry, stop)
+    finally:
+        engine.close()
+
+
+def run_on(engine: Engine, cfg: Config, entry: str, stop: StopRequest) -> int:
     device = pick_device(cfg, engine)
     if cfg.output.evaluate:
         return run_evaluation(cfg, entry, engine, device)
@@ -226,6 +233,7 @@ def start_engine(cfg: Config) -> Engine:
                                   ("--bf16-allreduce", "bf16_allreduce", cfg.dist.bf16_allreduce)):
         if wanted and feature not in engine.features:
             other = "torch" if engine.name == "horovod" else "Horovod"
+            engine.close()
             raise UsageError(f"{flag} needs the {other} engine (this run uses the {engine.name} engine)")
     return engine
 

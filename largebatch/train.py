@@ -75,7 +75,9 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
         hooks.save(state, True)
         hooks.console.end_epoch(f"epoch {epoch + 1}/{cfg.optim.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
                                 f"top5 {val['top5']:.2f} ({val['count']} images)")
-        if hooks.stop.agreed(engine):
+        if hooks.stop.agreed(engine):  # a signal during validation or the epoch's checkpoint
+            hooks.console.print(f"stopped by {hooks.stop.reason} at the end of epoch {epoch + 1}; checkpoint "
+                                f"written, resume with --resume auto")
             return "stopped"
     return "finished"
 

@@ -7,6 +7,7 @@ collect_state_dict and load with relocate_state_dict.
 CPU and gloo, a tiny model, synthetic data, a few steps. It checks that the reloaded model
 and optimizer equal the trained ones, prints one JSON line per rank, and exits non-zero if not.
 """
+import gc
 import json
 import sys
 import tempfile
@@ -30,6 +31,18 @@ def make_model() -> nn.Module:
 
 def main() -> int:
     dist.init_process_group("gloo")  # your script's own process group (torchrun's environment)
+    try:
+        return train_and_check()
+    finally:
+        # Once train_and_check has returned and its objects are collected, nothing else holds
+        # the group (its DDP model is gone), so Gloo's threads end here. Left to the
+        # interpreter's exit, one of them can still be dropping a tensor: "terminate called
+        # without an active exception" (pytorch/pytorch#190489).
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def train_and_check() -> int:
     engine = engine_for_process_group()
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.gettempdir())
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +88,6 @@ def main() -> int:
                         for a, b in zip(model.parameters(), fresh.parameters()))
     print(json.dumps({"rank": engine.rank, "losses": losses, "slice": list(model[3].weight.shape),
                       "same_model": same_model, "same_momentum": same_momentum}), flush=True)
-    dist.destroy_process_group()
     return 0 if same_model and same_momentum else 1
 
 

@@ -100,6 +100,10 @@ class Engine:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Release what the engine holds before the process exits (the job calls it on every
+        way out of a run)."""
+
     # --- start-up and model state -------------------------------------------------------
     def broadcast_model(self, model: torch.nn.Module, exclude: frozenset[str] = frozenset()) -> None:
         """Give every rank rank 0's parameters and buffers, except those named in ``exclude``

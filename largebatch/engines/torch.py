@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 import socket
@@ -224,3 +225,13 @@ class TorchEngine(Engine):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def close(self) -> None:
+        # Left to the interpreter's exit, Gloo's worker threads can drop their last tensor
+        # after Python has finalised: "terminate called without an active exception", and a
+        # finished run exits 134 (seen now and then in the CPU tests; pytorch/pytorch#190489).
+        # Collected first, the run's DDP model no longer holds the group, so destroying it
+        # joins those threads here.
+        if dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()

@@ -84,10 +84,10 @@ def test_stopped_job_is_continued_by_the_next_job_of_the_chain(digits, tmp_path)
 
 def test_alarm_stops_the_run_before_the_walltime(digits, tmp_path):
     """PBS Pro sends no warning before the walltime, so the script sets its own alarm:
-    --time 00:00:45 with --warning 20 asks for a checkpoint 25 s in, long before the 40
+    --time 00:00:45 with --warning 20 asks for a checkpoint 25 s in, long before the 400
     epochs asked for could finish."""
     jobs_cli("render", "--scheduler", "pbs", "--gpus-per-node", "0", "--ranks-per-node", "2",
-             "--time", "00:00:45", "--warning", "20", "--", *train_args(digits, "run", 40), cwd=tmp_path)
+             "--time", "00:00:45", "--warning", "20", "--", *train_args(digits, "run", 400), cwd=tmp_path)
     run_dir = tmp_path / "run"
     assert "#PBS -l walltime=00:00:45" in (run_dir / "job.pbs").read_text()
     rc, out = finish(start_job(run_dir / "job.pbs", tmp_path, "201.pbs"), timeout=200)
@@ -95,5 +95,5 @@ def test_alarm_stops_the_run_before_the_walltime(digits, tmp_path):
     assert rc == 0, out + log[-4000:]
     assert "SIGUSR1 received" in log and "stopped by SIGUSR1" in log, log[-4000:]
     state = status(run_dir)
-    assert state["state"] == "stopped" and 0 < state["step"] < 40 * steps_per_epoch(digits), state
+    assert state["state"] == "stopped" and 0 < state["step"] < 400 * steps_per_epoch(digits), state
     assert "submit this script again to continue" in log
