@@ -52,7 +52,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass, replace  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,7 +418,7 @@ def markdown(summary: dict, seconds: dict) -> str:
                          + (f" {_mean_std(r['top1_bn_reestimated'])} |" if budget == "epochs"
                             else f" {_diff(r['vs_reference'])} | {r['vs_reference']['p']:.3f} |"))
         if budget == "epochs":
-            lines += ["", f"Largest batch within one point of SGD at 8 (every smaller batch too):", ""]
+            lines += ["", "Largest batch within one point of SGD at 8 (every smaller batch too):", ""]
             found, none = summary["holds"], "none (already more than a point behind at 8)"
         else:
             lines += ["", f"Smallest batch within one point of SGD at 8 trained {EPOCHS} epochs (every larger batch "

@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     print(markdown(check.report()))
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'}")
     if check.engine is not None:
-        torch.distributed.destroy_process_group()
+        check.engine.close()
     return 1 if check.failed else 0
 
 

@@ -10,15 +10,12 @@ BasicBlock, with its initialisation (He normal for convolutions, BN weights 1 an
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-_NAME = re.compile(r"cifar_resnet(\d+)")
-DEPTHS = (8, 14, 20, 32, 44, 56, 110)
-NAMES = tuple(f"cifar_resnet{d}" for d in DEPTHS)
+DEPTHS = {f"cifar_resnet{d}": d for d in (8, 14, 20, 32, 44, 56, 110)}
+NAMES = tuple(DEPTHS)
 
 
 class CifarResNet(nn.Module):
@@ -57,4 +54,4 @@ def is_small_resnet(name: str) -> bool:
 
 
 def build(name: str, num_classes: int) -> CifarResNet:
-    return CifarResNet(int(_NAME.fullmatch(name).group(1)), num_classes)
+    return CifarResNet(DEPTHS[name], num_classes)

@@ -6,6 +6,7 @@ decoded is refused at start (the run would otherwise train without it and say no
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -132,9 +133,9 @@ class FolderInput:
     def _batches(self, dataset, sampler, batch_size: int, drop_last: bool):
         # A worker process only pays for its start-up while the step runs on a batch already
         # loaded: a loader of n batches gets at most n - 1 (none for a one-batch validation).
-        batches = len(sampler) // batch_size if drop_last else -(-len(sampler) // batch_size)
+        n_batches = len(sampler) // batch_size if drop_last else math.ceil(len(sampler) / batch_size)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                            num_workers=min(self.cfg.data.workers, max(0, batches - 1)), collate_fn=_collate,
+                            num_workers=min(self.cfg.data.workers, max(0, n_batches - 1)), collate_fn=_collate,
                             pin_memory=self.device.type == "cuda")
         batches = self._report_bad(loader)
         if self.device.type == "cuda":
