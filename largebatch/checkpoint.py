@@ -5,7 +5,7 @@ API (rank 0 calls all of it; ``store = Checkpoints(run_dir, name_format, keep)``
     store.save(state, epoch_end, finite=None) -> Path
         write, verify, record and rotate; raises CheckpointWriteError (an OSError whose str
         is one line: the file, the space needed and free, that the previous one is intact)
-    store.load_newest(warn=warning, finite_only=False) -> (Path, dict) | None
+    store.load_newest(warn=None, finite_only=False) -> (Path, dict) | None
         ``--resume auto``: the newest intact checkpoint; each damaged (or missing, or with
         ``finite_only`` non-finite) newer one is skipped with one ``warn`` line; None if none
         is listed; CheckpointError (one line) if every listed one that exists is unusable:
@@ -14,7 +14,8 @@ API (rank 0 calls all of it; ``store = Checkpoints(run_dir, name_format, keep)``
         ``--resume PATH``: verified against its directory's manifest when listed there;
         CheckpointError (a UsageError, one line) if damaged or not a checkpoint
     check_same_run(state, cfg, path)   UsageError if the checkpoint is another experiment's
-    store.latest() -> Path | None      newest listed file that exists (not verified)
+    store.latest(finite_only=False) -> Path | None
+                                       newest listed file that exists (not verified)
     store.name_for(epoch, step, epoch_end) -> str
     all_finite(state) -> bool          what ``save`` records when ``finite`` is not given
 
@@ -32,10 +33,18 @@ checkpoints are accepted unverified, checked only by loading them.
 Integrity. A read checks the size, then the sha256, then that ``torch.load`` accepts it,
 then the keys. ``torch.load`` alone is not enough: 4 KiB of random bytes inside a tensor's
 data loads without complaint (the zip reader does not check CRCs) and resumes a run on
-garbage weights. A write goes to a temporary file that is flushed, fsynced, checked to have
+garbage weights. A checkpoint away from its manifest (copied elsewhere, or a manifest that
+was lost) still carries what verifies it: the CRC-32 that ``torch.save``'s zip writer
+records for every member, which Python's ``zipfile`` checks here.
+
+A lost or damaged manifest is rebuilt from the files in the run directory whose names the
+checkpoint format gives, each verified, in the order of their steps; one warning line says
+so. The manifest's names are plain file names: one with a path in it makes the manifest
+damaged, so nothing outside the run directory is ever read or deleted through it. A write goes to a temporary file that is flushed, fsynced, checked to have
 the size written, renamed, and then recorded; only after that are older files rotated out.
 
-Rotation. After a save the newest ``keep`` files stay. If none of them is finite, the
+Rotation. Only files whose names the checkpoint format gives are ever deleted. After a
+save the newest ``keep`` files stay. If none of them is finite, the
 newest finite older one stays too (so a run that diverges keeps a point to go back to,
 even with ``--keep-checkpoints 1``). Entries without a ``finite`` field (old manifests)
 count as finite.
@@ -55,8 +64,13 @@ import errno
 import hashlib
 import io
 import json
+import os
+import re
 import shutil
+import string
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -100,8 +114,12 @@ def warning(line: str) -> None:
 
 
 class Checkpoints:
-    def __init__(self, run_dir: Path, name_format: str, keep: int):
-        self.run_dir, self.name_format, self.keep = Path(run_dir), name_format, keep
+    def __init__(self, run_dir: Path, name_format: str, keep: int, warn: Callable[[str], None] | None = None,
+                 read_only: bool = False):
+        self.run_dir, self.keep, self.read_only = Path(run_dir), keep, read_only
+        self.name_format = name_format.removeprefix("./")
+        self.warn = warn or warning
+        self._ours = _name_pattern(self.name_format)
 
     # --- manifest ---------------------------------------------------------------------------
 
@@ -109,9 +127,40 @@ class Checkpoints:
         try:
             return _parse_manifest((self.run_dir / MANIFEST).read_text())
         except FileNotFoundError:
+            why = "missing"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"damaged ({e})"
+        return self._rebuild(why)
+
+    def _rebuild(self, why: str) -> tuple[list[str], dict[str, dict]]:
+        """The manifest from the checkpoint files themselves, each verified: a run directory
+        whose manifest is gone still resumes where it stopped, never from step 0."""
+        candidates = sorted(p for p in _regular_files(self.run_dir) if self.is_ours(p.name))
+        if not candidates and why == "missing":
             return [], {}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UsageError(f"{self.run_dir / MANIFEST} is damaged ({e}); fix or remove it") from None
+        found, damaged = [], []
+        for path in candidates:
+            try:
+                data = path.read_bytes()
+                state = _load(path, None, data)
+            except (OSError, CheckpointError):
+                damaged.append(path.name)
+                continue
+            found.append((state["step"], state["epoch"], path.name,
+                          {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                           "finite": all_finite(state), "epoch": state["epoch"], "step": state["step"]}))
+        found.sort(key=lambda item: item[:2])
+        files, entries = [f[2] for f in found], {f[2]: f[3] for f in found}
+        left_out = f", {len(damaged)} damaged one(s) left out ({', '.join(damaged[:3])})" if damaged else ""
+        self.warn(f"warning: {self.run_dir / MANIFEST} was {why}; rebuilt it from the {len(files)} verified "
+                  f"checkpoint file(s) in the run directory{left_out}")
+        if not self.read_only:
+            self._write_manifest(files, entries)
+        return files, entries
+
+    def is_ours(self, name: str) -> bool:
+        """Whether ``name`` is one the checkpoint format gives: the only files rotation deletes."""
+        return self._ours.fullmatch(name) is not None
 
     def _write_manifest(self, files: list[str], entries: dict[str, dict]) -> None:
         data = {"format": MANIFEST_FORMAT, "files": files, "entries": {f: entries[f] for f in files if f in entries}}
@@ -122,11 +171,9 @@ class Checkpoints:
 
     # --- naming and finding -----------------------------------------------------------------
 
-    def latest(self) -> Path | None:
-        for name in reversed(self._files()):
-            if (self.run_dir / name).is_file():
-                return self.run_dir / name
-        return None
+    def latest(self, finite_only: bool = False) -> Path | None:
+        files, entries = self._manifest()
+        return _newest_existing(self.run_dir, files, entries if finite_only else None)
 
     def name_for(self, epoch: int, step: int, epoch_end: bool) -> str:
         name = self.name_format.format(epoch=epoch, step=step)
@@ -136,8 +183,9 @@ class Checkpoints:
             name = f"{stem}-step{step}{dot}{suffix}"
         return name
 
-    def load_newest(self, warn: Callable[[str], None] = warning,
+    def load_newest(self, warn: Callable[[str], None] | None = None,
                     finite_only: bool = False) -> tuple[Path, dict] | None:
+        warn = warn or self.warn
         files, entries = self._manifest()
         damaged = nonfinite = 0
         for name in reversed(files):
@@ -171,6 +219,7 @@ class Checkpoints:
         files, entries = self._manifest()
         overwrite = name in files  # a stop at an epoch end, say: the same position saved again
         previous = _newest_existing(self.run_dir, files)
+        mode_like = previous
         expected = _expected_size(previous, state)
         try:
             files = self._make_room(files, entries, name, finite, previous, expected)
@@ -198,7 +247,7 @@ class Checkpoints:
                     "epoch": state["epoch"], "step": state["step"]}
 
         try:
-            atomic_write(path, write, verify=verify)
+            atomic_write(path, write, verify=verify, mode_like=mode_like)
         except Exception as e:
             # torch.save turns a failed write into a RuntimeError of its own (its zip writer
             # trips over the short file on the way out); the writer kept the real error.
@@ -219,8 +268,12 @@ class Checkpoints:
                 path.unlink(missing_ok=True)
             raise self._write_error(self.run_dir / MANIFEST, e, previous, expected, writer.size) from None
         for old in stale:
-            (self.run_dir / old).unlink(missing_ok=True)
+            self._delete(old)
         return path
+
+    def _delete(self, name: str) -> None:
+        if self.is_ours(name):  # never a file the run did not name itself
+            (self.run_dir / name).unlink(missing_ok=True)
 
     def _make_room(self, files, entries, name, finite, previous, expected) -> list[str]:
         """Delete, before writing, files this save would rotate out anyway, while the free
@@ -235,7 +288,7 @@ class Checkpoints:
                 break
             files = [f for f in files if f != old]
             self._write_manifest(files, entries)  # first: the manifest never lists a deleted file
-            (self.run_dir / old).unlink(missing_ok=True)
+            self._delete(old)
         return files
 
     def _write_error(self, path: Path, e: OSError, previous: Path | None, expected: int,
@@ -263,6 +316,19 @@ def load(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return _load(path, record)
+
+
+def check_world_size(state: dict, size: int, source: Path) -> None:
+    """A run continues on the number of processes it was written by: its schedule counts
+    steps of one global batch, and its data order is cut into that many shares."""
+    saved = state.get("world_size")
+    if saved is None or saved == size:
+        return
+    args = state.get("args", {})
+    per_process = args.get("batch_size", 0) * args.get("batches_per_allreduce", 1)
+    raise UsageError(f"{source} was written by {saved} processes (global batch {per_process * saved}) and this run "
+                     f"has {size} (global batch {per_process * size}): its schedule and data order hold only for "
+                     f"{saved}; resume it on {saved} processes, or start a new run in a new --log-dir")
 
 
 def check_same_run(state: dict, cfg: Config, source: Path) -> None:
@@ -309,11 +375,14 @@ def all_finite(state: dict) -> bool:
 
 # --- reading ----------------------------------------------------------------------------------
 
-def _load(path: Path, record: dict | None) -> dict:
-    try:
-        data = path.read_bytes()  # once: hashed and parsed from memory, not read twice
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror or e})") from None
+def _load(path: Path, record: dict | None, data: bytes | None = None) -> dict:
+    if data is None:
+        try:
+            data = path.read_bytes()  # once: hashed and parsed from memory, not read twice
+        except OSError as e:
+            raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror or e})") from None
+    if not (record and "sha256" in record):
+        _check_crcs(path, data)
     if record:
         accepted = [record, *([record["previous"]] if isinstance(record.get("previous"), dict) else [])]
         if "size" in record and all(len(data) != r.get("size") for r in accepted):
@@ -334,6 +403,19 @@ def _load(path: Path, record: dict | None) -> dict:
     return state
 
 
+def _check_crcs(path: Path, data: bytes) -> None:
+    """What a checkpoint carries wherever it is copied: the CRC-32 of every zip member."""
+    if not data.startswith(_ZIP_MAGIC):
+        return  # the legacy format has none; torch.load and the keys are all there is
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is truncated or damaged: its zip structure is broken ({_first_sentence(e)})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: its member {bad} fails its CRC-32 check")
+
+
 def _parse(path: Path, data: bytes) -> dict:
     if not data:
         raise CheckpointError(f"{path} is empty, not a PyTorch checkpoint")
@@ -341,7 +423,9 @@ def _parse(path: Path, data: bytes) -> dict:
         what = "a text file?" if _looks_like_text(data[:4096]) else "unknown contents"
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what})")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on legacy or foreign pickles: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError, ...
         raise CheckpointError(f"{path} is truncated or damaged: torch.load fails ({_first_sentence(e)})") from None
     if not isinstance(state, dict):
@@ -368,6 +452,9 @@ def _parse_manifest(text: str) -> tuple[list[str], dict[str, dict]]:
     files = data["files"]
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise ValueError("'files' is not a list of names")
+    outside = [f for f in files if not _plain_name(f)]
+    if outside:
+        raise ValueError(f"it names {outside[0]!r}, not a file name in the run directory")
     entries = data.get("entries", {})  # absent in the previous format
     if not isinstance(entries, dict):
         raise ValueError("'entries' is not a mapping")
@@ -412,18 +499,44 @@ def _maybe_finite(record: dict | None) -> bool:
     return record is None or record.get("finite", True) is not False
 
 
-def _newest_existing(run_dir: Path, files: list[str]) -> Path | None:
+def _newest_existing(run_dir: Path, files: list[str], entries: dict[str, dict] | None = None) -> Path | None:
+    """The newest listed file that exists; with ``entries``, the newest that may be finite."""
     for name in reversed(files):
-        if (run_dir / name).is_file():
+        if (entries is None or _maybe_finite(entries.get(name))) and (run_dir / name).is_file():
             return run_dir / name
     return None
 
 
 def _newest_finite(run_dir: Path, files: list[str], entries: dict[str, dict]) -> str | None:
-    for name in reversed(files):
-        if _maybe_finite(entries.get(name)) and (run_dir / name).is_file():
-            return name
-    return None
+    newest = _newest_existing(run_dir, files, entries)
+    return newest.name if newest else None
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\0" not in name and not name.startswith(".")
+
+
+def _name_pattern(name_format: str) -> re.Pattern:
+    """The names ``Checkpoints.name_for`` gives: the format's fields as numbers, and the
+    mid-epoch ``-stepN`` before the first dot when the format has no {step}."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(name_format):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(r"-?\d+")
+    pattern = "".join(parts)
+    if "{step" not in name_format:
+        stem, dot, suffix = pattern.partition(r"\.")
+        pattern = f"{stem}(?:-step\\d+)?{dot}{suffix}"
+    return re.compile(pattern)
+
+
+def _regular_files(directory: Path) -> list[Path]:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    return [Path(e.path) for e in entries if e.is_file(follow_symlinks=False)]
 
 
 def _expected_size(previous: Path | None, state: dict) -> int:

@@ -1,18 +1,42 @@
 """The entry points' common body: parse, run, and turn failures into one-line errors."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from .argparsing import UsageError
 from .config import parse_config
 from .stop import StopRequest
 
+EXIT_DIR = "LARGEBATCH_EXIT_DIR"  # set by largebatch.launch (which imports nothing of ours: keep the names equal)
+
 
 def main(entry: str, argv: list[str] | None = None) -> int:
+    code = _main(entry, argv)
+    report_exit(code)
+    return code
+
+
+def report_exit(code: int) -> None:
+    """Under ``python -m largebatch.launch``: this rank's exit status, for the wrapper to
+    return the job's own status where a launcher (torchrun) turns every failure into 1."""
+    directory = os.environ.get(EXIT_DIR)
+    if directory:
+        from .engines import launcher_rank
+        try:
+            Path(directory, f"rank-{launcher_rank()}").write_text(f"{code}\n")
+        except OSError:
+            pass  # the wrapper then returns the launcher's status
+
+
+def _main(entry: str, argv: list[str] | None) -> int:
     # First, before torch loads (seconds): a scheduler's stop signal during start-up is then
     # recorded and honoured at the first report instead of killing the process.
     stop = StopRequest()
+    stop.watch_parent()
     from .checkpoint import CheckpointWriteError
+    from .data.checks import DataError
     from .engines import EngineError, launcher_rank, lost_peer  # imports torch
     from .parallel import ShardingError
     prog = "pytorch_imagenet_resnet_dali.py" if entry == "dali" else "pytorch_imagenet_resnet.py"
@@ -22,8 +46,9 @@ def main(entry: str, argv: list[str] | None = None) -> int:
         return run(cfg, entry, stop)
     except (UsageError, ShardingError) as e:
         # Every rank reaches the same verdict (the checks are agreed across ranks): one says it.
+        # Bad data met while reading is one rank's own finding: that rank says it.
         flag = "--enable-model-parallel: " if isinstance(e, ShardingError) else ""
-        if launcher_rank() == 0:
+        if launcher_rank() == 0 or isinstance(e, DataError):
             print(f"{prog}: error: {flag}{e}", file=sys.stderr, flush=True)
         return 2
     except CheckpointWriteError as e:

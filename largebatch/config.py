@@ -198,8 +198,8 @@ def _pair(text: str) -> tuple[float, float]:
         low, high = (float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be two numbers LOW,HIGH, got {text!r}") from None
-    if not 0 < low <= high:
-        raise argparse.ArgumentTypeError(f"must satisfy 0 < LOW <= HIGH, got {text!r}")
+    if not (0 < low <= high and math.isfinite(high)):
+        raise argparse.ArgumentTypeError(f"must be finite numbers with 0 < LOW <= HIGH, got {text!r}")
     return low, high
 
 
@@ -208,7 +208,7 @@ def _epochs_list(text: str) -> tuple[float, ...]:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated epochs, got {text!r}") from None
-    if list(values) != sorted(values) or any(v <= 0 for v in values):
+    if list(values) != sorted(values) or not all(0 < v < math.inf for v in values):
         raise argparse.ArgumentTypeError(f"must be increasing positive epochs, got {text!r}")
     return values
 
@@ -441,8 +441,10 @@ def _validate(cfg: Config, entry: str) -> None:
         raise UsageError(f"--momentum must be below 1, got {cfg.optim.momentum:g}")
     if cfg.optim.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be below 1, got {cfg.optim.label_smoothing:g}")
-    if "{epoch" not in cfg.output.checkpoint_format or "/" in cfg.output.checkpoint_format.lstrip("./"):
-        raise UsageError("--checkpoint-format must be a file name containing {epoch}, e.g. checkpoint-{epoch}.pth.tar")
+    name = cfg.output.checkpoint_format.removeprefix("./")
+    if "{epoch" not in name or "/" in name or "\\" in name or name.startswith("."):
+        raise UsageError(f"--checkpoint-format {cfg.output.checkpoint_format!r}: must be a file name in the run "
+                         f"directory containing {{epoch}}, without a path or a leading dot, e.g. checkpoint-{{epoch}}.pth.tar")
     try:
         cfg.output.checkpoint_format.format(epoch=0, step=0)
     except (KeyError, IndexError, ValueError) as e:

@@ -1,6 +1,7 @@
 """Atomic file writes and the temporary files they leave when a writer is killed.
 
-    atomic_write(path, write_fn, fsync=True, verify=None) -> write_fn's result
+    atomic_write(path, write_fn, fsync=True, verify=None, mode_like=None) -> write_fn's result
+    create_new(path) -> int                          a descriptor of a new file; never through a link
     clean_stale_temps(directory) -> list[Path]      the temporaries of dead writers, removed
     temp_path(path) -> Path                          where atomic_write writes before the rename
 
@@ -10,6 +11,14 @@ directory, ``.<name>.tmp-<host>-<pid>``; when it returns, the data is flushed an
 ``path``, and the directory is synced so the rename itself survives a crash. Readers see the
 old file or the new one, never a part. On any error the temporary file is removed and the
 error propagates.
+
+Run directories sit in group-writable project spaces, so a name in them may be a symbolic
+link someone planted. No write here follows one: the temporary is created exclusively with
+``O_NOFOLLOW`` (a link or file already at its name is removed first: unlinking a link leaves
+its target alone), and the rename replaces a link at ``path`` instead of writing through it.
+The new file keeps the permission bits of the file it replaces (a user's ``chmod 600`` of
+``status.json`` survives its rewrites), or of ``mode_like`` when there is none (a new
+checkpoint takes the previous one's).
 
 A writer killed with SIGKILL (or a node that loses power) leaves its temporary behind. The
 host and pid in the name say whose it was, so ``clean_stale_temps`` can remove those of
@@ -22,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -42,12 +52,36 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{host()}-{os.getpid()}")
 
 
+def create_new(path: Path, mode: int = 0o666) -> int:
+    """A write-only descriptor of a file created at ``path`` now: FileExistsError if anything,
+    a symbolic link included, is there already."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def _mode_of(*paths: Path | None) -> int | None:
+    for p in paths:
+        if p is None:
+            continue
+        try:
+            st = os.stat(p, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    return None
+
+
 def atomic_write(path: Path, write_fn: Callable[..., T], fsync: bool = True,
-                 verify: Callable[[Path], None] | None = None) -> T:
+                 verify: Callable[[Path], None] | None = None, mode_like: Path | None = None) -> T:
     path = Path(path)
     tmp = temp_path(path)
+    tmp.unlink(missing_ok=True)  # ours by name (host and pid): a leftover, or a planted link
     try:
-        with open(tmp, "wb") as f:
+        fd = create_new(tmp)
+        mode = _mode_of(path, mode_like)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
             result = write_fn(f)
             f.flush()
             if fsync:

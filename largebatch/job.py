@@ -21,7 +21,7 @@ import schedulers
 from . import checkpoint
 from .argparsing import UsageError
 from .config import Config
-from .files import atomic_write, clean_stale_temps
+from .files import atomic_write, clean_stale_temps, create_new
 from .engines import Engine, choose, init_engine, launcher_rank
 from .logs import Board, Console
 from .model import build_model, check_input
@@ -35,6 +35,8 @@ from .train import Hooks, evaluate, train
 
 
 DIVERGED = 3  # exit status of a run stopped by non-finite losses (2: bad input, 1: other failures)
+# The loop's results that fail the run (status.json "failed"), with their exit statuses.
+EXIT_STATUS = {"diverged": DIVERGED, "unreadable": 2}
 
 
 def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
@@ -76,15 +78,16 @@ def run_on(engine: Engine, cfg: Config, entry: str, stop: StopRequest) -> int:
     if result == "profiled":
         console.print(f"profiled {cfg.numerics.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
     if engine.is_main:
-        write_status(cfg.output.log_dir, "failed" if result == "diverged" else result, state.position,
-                     checkpoints(cfg).latest())
+        # After a divergence, the checkpoint to go back to: the newest finite one.
+        write_status(cfg.output.log_dir, "failed" if result in EXIT_STATUS else result, state.position,
+                     checkpoints(cfg).latest(finite_only=result == "diverged"))
         console.print(f"{result}: run directory {cfg.output.log_dir} (TensorBoard: tensorboard --logdir {cfg.output.log_dir})")
     board.close()
     if lock is not None:
         lock.release()
     if data.bad_files:
         print(f"warning: rank {engine.rank} skipped {len(data.bad_files)} unreadable image(s)", flush=True)
-    return DIVERGED if result == "diverged" else 0
+    return EXIT_STATUS.get(result, 0)
 
 
 def run_evaluation(cfg: Config, entry: str, engine: Engine, device: torch.device) -> int:
@@ -123,7 +126,8 @@ def find_weights(cfg: Config, num_classes: int) -> tuple[Path, dict] | None:
         path = Path(cfg.output.resume)
         found = path, checkpoint.load(path)
     else:
-        found = checkpoints(cfg).load_newest() if cfg.output.resume == "auto" and cfg.output.log_dir.is_dir() else None
+        found = (checkpoints(cfg, read_only=True).load_newest(finite_only=True)
+                 if cfg.output.resume == "auto" and cfg.output.log_dir.is_dir() else None)
     if found is None:
         if cfg.optim.pretrained:
             return None
@@ -220,7 +224,7 @@ def saver(cfg: Config, board: Board):
 def read_checkpoint(cfg: Config, engine: Engine) -> dict | None:
     """Rank 0 finds and reads the checkpoint to resume from (None: start fresh; None on the
     other ranks); a problem stops every rank."""
-    return on_rank_0(engine, lambda: find_checkpoint(cfg), name="resume_check")
+    return on_rank_0(engine, lambda: find_checkpoint(cfg, engine.size), name="resume_check")
 
 
 def start_engine(cfg: Config) -> Engine:
@@ -288,7 +292,8 @@ def prepare_run_dir(log_dir: Path, engine: Engine) -> RunLock | None:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             probe = log_dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
+            probe.unlink(missing_ok=True)  # a leftover of the same pid, or a planted link: never written through
+            os.close(create_new(probe))
             probe.unlink()
         except OSError as e:
             raise UsageError(f"--log-dir {log_dir} is not writable ({e.strerror or e})") from None
@@ -368,11 +373,12 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     return schedulers.MultiStepWarmup(optimizer, milestones=milestones, gamma=0.1, warmup_steps=warmup)
 
 
-def checkpoints(cfg: Config) -> checkpoint.Checkpoints:
-    return checkpoint.Checkpoints(cfg.output.log_dir, cfg.output.checkpoint_format, cfg.output.keep_checkpoints)
+def checkpoints(cfg: Config, read_only: bool = False) -> checkpoint.Checkpoints:
+    return checkpoint.Checkpoints(cfg.output.log_dir, cfg.output.checkpoint_format, cfg.output.keep_checkpoints,
+                                  read_only=read_only)
 
 
-def find_checkpoint(cfg: Config) -> dict | None:
+def find_checkpoint(cfg: Config, world_size: int) -> dict | None:
     store = checkpoints(cfg)
     if cfg.output.resume == "none":
         if store.latest() is not None:
@@ -380,19 +386,34 @@ def find_checkpoint(cfg: Config) -> dict | None:
                              f"use --resume auto to continue that run, or a new --log-dir")
         return None
     if cfg.output.resume == "auto":
-        found = store.load_newest()  # skips damaged files, one warning each
+        # Skips damaged and non-finite files (one warning each): a run that diverged goes
+        # back to its newest finite checkpoint, not into the same divergence.
+        found = store.load_newest(finite_only=True)
         if found is None:
+            refuse_restart(cfg.output.log_dir)
             return None
         path, state = found
     else:
         path = Path(cfg.output.resume)
         state = checkpoint.load(path)
     checkpoint.check_same_run(state, cfg, path)
+    checkpoint.check_world_size(state, world_size, path)
     ignored = checkpoint.ignored_changes(state, cfg)
     if ignored:
         print(ignored, file=sys.stderr, flush=True)
     print(f"resuming from {path} (epoch {state['epoch']}, step {state['step']})", flush=True)
     return state
+
+
+def refuse_restart(log_dir: Path) -> None:
+    """A run directory whose status says the run got somewhere is never silently trained
+    again from step 0, over what is left of it."""
+    from .jobs.status import run_state
+
+    state, step = run_state(log_dir)
+    if step > 0:
+        raise UsageError(f"--log-dir {log_dir}: status.json says the run reached step {step} ({state}), but none of "
+                         f"its checkpoints is there; restore them, pass --resume PATH, or use a new --log-dir")
 
 
 def write_status(log_dir: Path, state: str, pos: Position, latest: Path | None) -> None:

@@ -23,7 +23,10 @@ python), SIGUSR1 to every process of its tree that catches SIGUSR1, which never 
 them all). Then it waits for the launcher and exits with its status, or 0 when the training
 stopped cleanly after the signal: ``status.json`` of the ``--log-dir`` in the arguments
 (default ``./logs``) was written after the signal and says "stopped" or "finished" (torchrun's
-own exit status says nothing about that).
+own exit status says nothing about that). When the launcher fails and rank 0 of the job
+failed, it exits with rank 0's own status (2 bad input, 3 diverged), which torchrun turns
+into 1: each rank writes its status into a directory of the wrapper's own, named by
+``LARGEBATCH_EXIT_DIR``, removed when the wrapper ends.
 
 This module imports nothing heavy, so it is in place at once.
 """
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +46,7 @@ PROG = "python -m largebatch.launch"
 FORWARD_AS_USR1 = {"mpirun", "mpiexec", "prterun", "orterun", "srun"}
 TORCHRUN_MODULES = {"torch.distributed.run", "torch.distributed.launch"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+EXIT_DIR = "LARGEBATCH_EXIT_DIR"  # cli.report_exit writes rank-N there
 
 
 def launcher_kind(cmd: list[str]) -> str:
@@ -103,13 +109,15 @@ class Launcher:
         self.stop_asked: float | None = None  # time.time() of the first stop request
         self.pending: list[int] = []          # signals that arrived before the launcher started
         self.delivered = False                # "tree": some process caught the request
+        self.exits = Path(tempfile.mkdtemp(prefix="largebatch-exit-"))  # the ranks' own statuses
 
     def start(self) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground process group)
         # reaches only this wrapper, which turns it into a stop the launcher understands.
-        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, EXIT_DIR: str(self.exits)})
         for sig in self.pending:
             self._forward(sig)
 
@@ -159,7 +167,18 @@ class Launcher:
         status = -code + 128 if code < 0 else code
         if status != 0 and self.stop_asked is not None and self._stopped_cleanly():
             return 0
+        if status != 0:
+            return self._rank_0_status() or status
         return status
+
+    def _rank_0_status(self) -> int:
+        try:
+            return int((self.exits / "rank-0").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def close(self) -> None:
+        shutil.rmtree(self.exits, ignore_errors=True)
 
     def _stopped_cleanly(self) -> bool:
         path = log_dir(self.cmd) / "status.json"
@@ -182,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     launcher = Launcher(args)
     try:
         launcher.start()
+        return launcher.wait()
     except OSError as e:
         print(f"{PROG}: error: cannot start {args[0]} ({e.strerror or e})", file=sys.stderr, flush=True)
         return 127 if isinstance(e, FileNotFoundError) else 126
-    return launcher.wait()
+    finally:
+        launcher.close()
 
 
 if __name__ == "__main__":

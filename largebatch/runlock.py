@@ -65,8 +65,13 @@ class RunLock:
         if key in _HELD:
             raise RunDirInUse(self._in_use(_HELD[key].info))
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # Never through a link: a planted `.lock -> somewhere` would have the run truncate
+            # and rewrite its target.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UsageError(f"--log-dir {self.run_dir}: its lock file {self.path} is a symbolic link; "
+                                 f"remove the link (the run never writes through one)") from None
             raise UsageError(f"--log-dir {self.run_dir}: cannot create its lock file {self.path} "
                              f"({e.strerror or e})") from None
         try:

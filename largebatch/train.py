@@ -31,11 +31,13 @@ class Hooks:
 def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
     """Train from ``state.position`` to ``cfg.optim.epochs``. Returns "finished"; "stopped" after a
     stop request (a signal), once a checkpoint is written; "profiled" once --prof's steps are
-    recorded; or "diverged" when more than --max-nonfinite-steps steps had a non-finite loss.
+    recorded; "diverged" when more than --max-nonfinite-steps steps had a non-finite loss; or
+    "unreadable" when an epoch trained on less than half the images it read.
     ``state.position`` tells where it ended."""
     n_micro = cfg.optim.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
     engine, pos = state.engine, state.position
+    images_per_step = cfg.optim.batch_size * n_micro * engine.size
     nonfinite_steps = 0
     device = next(state.model.parameters()).device
     too_small = SmallBatches(2 if has_batchnorm(state.model) else 1, cfg.data.image_size, device)
@@ -44,6 +46,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
         meter, speed = Meter(device, state.classifier.hits), Throughput()
         hooks.console.start_epoch(epoch, cfg.optim.epochs, steps_per_epoch, pos.epoch_step)
         batches = too_small.skipped(data.train(epoch, start_batch=pos.epoch_step * n_micro))
+        images = Images(expected=(steps_per_epoch - pos.epoch_step) * images_per_step)
         while pos.epoch_step < steps_per_epoch:
             micro_batches = [next(batches) for _ in range(n_micro)]
             lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on after it
@@ -52,7 +55,9 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
             if hooks.profiler.step():
                 return "profiled"
             if pos.epoch_step % cfg.output.print_freq == 0 or pos.epoch_step == steps_per_epoch:
-                nonfinite_steps += report(state, meter, speed, hooks, lr)
+                stats = report(state, meter, speed, hooks, lr)
+                nonfinite_steps += stats["nonfinite_steps"]
+                images.trained += stats["count"]
                 if nonfinite_steps > cfg.optim.max_nonfinite_steps:
                     hooks.console.end_epoch(f"stopped: the loss was not finite in {nonfinite_steps} optimizer "
                                             f"step(s) up to step {pos.step} (--max-nonfinite-steps "
@@ -67,6 +72,11 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
             if cfg.output.checkpoint_every and pos.step % cfg.output.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
                 hooks.save(state, False)
         batches.close()
+        if images.starved():  # no epoch of it is validated or saved
+            hooks.console.end_epoch(f"stopped: epoch {epoch + 1} trained on {images.trained} of the {images.expected} "
+                                    f"images it read; the rest were unreadable (see the warnings): fix or remove "
+                                    f"them, then --resume auto continues from the last checkpoint")
+            return "unreadable"
         engine.average_buffers(state.model)  # one set of BN statistics for validation and the checkpoint
         val = evaluate(state, data.val())
         hooks.board.scalars(pos.step, {"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
@@ -80,6 +90,17 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
                                 f"written, resume with --resume auto")
             return "stopped"
     return "finished"
+
+
+@dataclass
+class Images:
+    """An epoch's images: how many its steps read, how many trained (readable, in batches
+    big enough), summed over the ranks from the reports' meters (no collective of its own)."""
+    expected: int
+    trained: int = 0
+
+    def starved(self) -> bool:
+        return self.trained * 2 < self.expected
 
 
 class SmallBatches:
@@ -139,25 +160,25 @@ def train_step(state: TrainState, micro_batches, meter: Meter) -> None:
             meter.add(loss, logits, labels)
             nonfinite += ~torch.isfinite(loss.detach())
     gradients.reduce()
-    if precision.step(state.optimizer, gradients.step):
+    stepped = precision.step(state.optimizer, gradients.step)
+    if stepped:
         state.scheduler.step()
-        meter.add_nonfinite(nonfinite.clamp(max=1))
+    meter.add_step(nonfinite.clamp(max=1) if stepped else torch.zeros_like(nonfinite))
     state.optimizer.zero_grad()
 
 
-def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr: float) -> int:
-    """Log the meter's averages since the last report; returns the optimizer steps taken on a
-    non-finite loss since then, summed over the ranks."""
+def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr: float) -> dict:
+    """Log the meter's averages since the last report; returns the meter's reduction (with
+    ``count``, the images trained on, and ``nonfinite_steps``, both over all ranks)."""
     stats = meter.reduce(state.engine, name="train_meter")
-    nonfinite = stats.pop("nonfinite_steps")
-    stats["lr"] = lr
-    stats["images_per_sec"] = speed.rate(stats.pop("count"))
+    shown = {"loss": stats["loss"], "top1": stats["top1"], "top5": stats["top5"], "lr": lr,
+             "images_per_sec": speed.rate(stats["count"])}
     step = state.position.step
-    hooks.console.progress(state.position.epoch_step, stats)
-    hooks.board.scalars(step, {"train/loss": stats["loss"], "train/top1": stats["top1"], "train/lr": stats["lr"],
-                               "train/images_per_sec": stats["images_per_sec"], **state.precision.scalars()})
+    hooks.console.progress(state.position.epoch_step, shown)
+    hooks.board.scalars(step, {"train/loss": shown["loss"], "train/top1": shown["top1"], "train/lr": lr,
+                               "train/images_per_sec": shown["images_per_sec"], **state.precision.scalars()})
     hooks.board.trust_ratios(step, getattr(state.optimizer, "last_trust_ratios", None))
-    return nonfinite
+    return stats
 
 
 @torch.no_grad()

@@ -86,7 +86,7 @@ def run_in_process(args: list, entry: str = "folder", engine: str = "torch") -> 
 
     out, err = io.StringIO(), io.StringIO()
     argv = [*map(str, args), "--engine", engine] if "--engine" not in map(str, args) else list(map(str, args))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main(entry, argv)

@@ -4,6 +4,17 @@ from __future__ import annotations
 from ..argparsing import UsageError
 
 
+class DataError(UsageError):
+    """Bad data met by this rank alone while it reads (an unreadable image, a corrupt record,
+    a transform that fails): one line naming the file, said by the rank that met it, exit 2."""
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: a newline or other control character in a file name is
+    written as its escape, so one warning stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def same_classes(train: list[str], val: list[str], train_name: str, val_name: str) -> None:
     """Validation must have exactly the training classes: label i must mean one class."""
     if train != val:

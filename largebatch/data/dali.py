@@ -62,10 +62,10 @@ import torch
 
 from ..argparsing import UsageError
 from ..config import Config
-from .checks import batches_per_epoch, same_classes
+from .checks import DataError, batches_per_epoch, same_classes
 from .folder import IMAGENET_MEAN, IMAGENET_STD
 from .sampler import TrainShard, ValShard, mix, sample_seed
-from .tfrecord import DATASET_JSON, ENCODED, LABEL, DataError, index_matches, read_index, record_files
+from .tfrecord import DATASET_JSON, ENCODED, LABEL, index_matches, read_index, record_files
 
 
 def default_threads() -> int:

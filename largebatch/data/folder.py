@@ -3,11 +3,15 @@
 A file that cannot be decoded is dropped from its batch, counted, and reported once per
 file by rank-local warnings; the run goes on. A training class none of whose images can be
 decoded is refused at start (the run would otherwise train without it and say nothing).
+A warning the decoder gives (PIL's on very large images) is one such line too. A transform
+that fails on a decoded image is not a bad image but a bug or a flag it cannot use: the
+run stops with one line (DataError).
 """
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +20,7 @@ from torchvision import datasets, transforms
 
 from ..argparsing import UsageError
 from ..config import Config
-from .checks import batches_per_epoch, same_classes
+from .checks import DataError, batches_per_epoch, printable, same_classes
 from .prefetch import CudaPrefetcher
 from .sampler import TrainShard, ValShard
 
@@ -47,37 +51,50 @@ def val_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
     ])
 
 
+# What a sample's read can report, besides its image: (kind, path, text)
+UNREADABLE, DECODER_WARNING, TRANSFORM_FAILED = "unreadable", "warning", "transform"
+
+
 class TolerantImageFolder(datasets.ImageFolder):
-    """ImageFolder indexed by ``(index, sample_seed)``; returns ``None`` for the image when
-    the file cannot be read, with the path and reason, instead of raising."""
+    """ImageFolder indexed by ``(index, sample_seed)``. Returns ``(image, target, notes)``:
+    ``image`` is None when the file cannot be decoded or transformed, and ``notes`` lists
+    what happened, as ``(kind, path, text)``, instead of raising."""
 
     def __getitem__(self, item):
         index, seed = item
         path, target = self.samples[index]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                image = self.loader(path)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+                return None, target, [(UNREADABLE, path, f"{type(e).__name__}: {e}")]
+        notes = [(DECODER_WARNING, path, f"{w.category.__name__}: {w.message}") for w in caught]
         try:
-            image = self.loader(path)
             # Seeding per sample makes augmentation independent of which worker reads it. The
             # CPU generator only: torch.manual_seed also queues seeds for CUDA, XPU and MTIA,
-            # each with a formatted stack trace, which cost 1 ms per image on a machine without them.
+            # each with a formatted stack trace per call.
             with torch.random.fork_rng(devices=[]):
                 torch.random.default_generator.manual_seed(seed)
-                return self.transform(image), target, None
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-            return None, target, f"{path} ({type(e).__name__}: {e})"
+                return self.transform(image), target, notes
+        except Exception as e:  # noqa: BLE001 (whatever it is, it is reported, not skipped)
+            return None, target, [*notes, (TRANSFORM_FAILED, path, f"{type(e).__name__}: {e}")]
 
 
 def _collate(items):
-    good = [(x, y) for x, y, bad in items if bad is None]
-    bad = [b for _, _, b in items if b is not None]
+    good = [(x, y) for x, y, _ in items if x is not None]
+    notes = [note for _, _, item_notes in items for note in item_notes]
     if not good:
-        return None, None, bad
+        return None, None, notes
     images, labels = zip(*good)
-    return torch.stack(images), torch.tensor(labels), bad
+    return torch.stack(images), torch.tensor(labels), notes
 
 
 def _open(root: Path | None, flag: str, transform) -> TolerantImageFolder:
-    if root is None or not root.is_dir():
+    if root is None or not root.exists():
         raise UsageError(f"{flag} {root}: no such directory")
+    if not root.is_dir():
+        raise UsageError(f"{flag} {root}: not a directory (a folder of class folders is expected)")
     try:
         return TolerantImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
@@ -95,7 +112,9 @@ def _check_readable_classes(dataset: TolerantImageFolder, flag: str, root: Path,
         failure = None
         for path in paths.get(target, []):
             try:
-                dataset.loader(path)  # PIL: open and convert, which decodes the whole image
+                with warnings.catch_warnings():  # the training reports them, once per file
+                    warnings.simplefilter("ignore")
+                    dataset.loader(path)  # PIL: open and convert, which decodes the whole image
                 break
             except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
                 failure = failure or f"{path}: {type(e).__name__}: {' '.join(str(e).split())}"
@@ -120,6 +139,7 @@ class FolderInput:
             raise UsageError(f"--num-classes {cfg.data.num_classes} but {cfg.data.train_dir} has {self.num_classes} class folders")
         self.batches_per_epoch = batches_per_epoch(cfg, size, len(self.train_set), str(cfg.data.train_dir))
         self.bad_files: set[str] = set()
+        self._warned: set[str] = set()  # files whose decoder warnings were reported
 
     def train(self, epoch: int, start_batch: int = 0):
         sampler = TrainShard(len(self.train_set), self.rank, self.size, self.cfg.dist.seed, epoch,
@@ -144,10 +164,14 @@ class FolderInput:
             yield from batches
 
     def _report_bad(self, loader):
-        for images, labels, bad in loader:
-            for report in bad:
-                path = report.split(" (")[0]
-                if path not in self.bad_files:
-                    self.bad_files.add(path)
-                    print(f"warning: skipping unreadable image {report}", file=sys.stderr, flush=True)
+        for images, labels, notes in loader:
+            for kind, path, text in notes:
+                if kind == TRANSFORM_FAILED:
+                    raise DataError(f"the transform failed on {printable(path)} ({printable(text)}), which decoded: "
+                                    f"a bug, or a flag it cannot use; not skipped as an unreadable image")
+                seen = self.bad_files if kind == UNREADABLE else self._warned
+                if path not in seen:
+                    seen.add(path)
+                    what = "skipping unreadable image" if kind == UNREADABLE else "image"
+                    print(f"warning: {what} {printable(path)} ({printable(text)})", file=sys.stderr, flush=True)
             yield images, labels

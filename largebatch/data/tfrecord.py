@@ -60,17 +60,13 @@ import google_crc32c
 
 from ..argparsing import Parser, UsageError
 from ..files import atomic_write
-from .checks import same_classes
+from .checks import DataError, same_classes
 
 SPLITS = {"train": "train", "validation": "val"}  # TFRecord folder -> ImageFolder folder
 LABEL = "image/class/label"
 ENCODED = "image/encoded"
 DATASET_JSON = "dataset.json"
 PLAN_JSON = ".convert-plan.json"
-
-
-class DataError(UsageError):
-    """Bad data (an unreadable image, a corrupt record): one line naming the file, exit 2."""
 
 
 # --- TFRecord framing ---------------------------------------------------------------------

@@ -95,6 +95,18 @@ class TorchGradients(Gradients):
         return contextlib.nullcontext() if last else self.module.no_sync()
 
 
+def _fix_bucket_layout(ddp: DistributedDataParallel) -> None:
+    """Lay out DDP's gradient buckets now, for good. DDP otherwise reduces the first step in
+    one bucket and rebuilds the layout after it from the order gradients became ready; a
+    resumed run's first step then sums in another layout than the uninterrupted run's same
+    step, and on 3 or more ranks the allreduce's summation order follows the layout, so the
+    weights differed in the last bits. (DDP's own join hook rebuilds the same way.)"""
+    reducer = ddp.reducer
+    if hasattr(reducer, "_push_all_rebuilt_params") and hasattr(reducer, "_rebuild_buckets"):
+        reducer._push_all_rebuilt_params()
+        reducer._rebuild_buckets()
+
+
 class TorchEngine(Engine):
     name = "torch"
     features = frozenset({"bf16_allreduce"})
@@ -149,6 +161,7 @@ class TorchEngine(Engine):
                                       **no_buffer_sync)
         if compression is not None or predivide != 1.0:
             ddp.register_comm_hook((predivide, self.size, compression), _compression_hook)
+        _fix_bucket_layout(ddp)
         return TorchGradients(optimizer, ddp)
 
     def sync_batchnorm(self, model):

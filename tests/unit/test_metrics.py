@@ -73,7 +73,28 @@ def test_meter_counts_with_a_criterions_own_hits():
 def test_meter_counts_steps_taken_on_a_non_finite_loss_until_read():
     meter = Meter(torch.device("cpu"))
     meter.add(torch.tensor(float("nan")), torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
-    meter.add_nonfinite(torch.tensor(1.0))
-    meter.add_nonfinite(torch.tensor(0.0))  # a step whose losses were all finite
+    meter.add_step(torch.tensor(1.0))
+    meter.add_step(torch.tensor(0.0))  # a step whose losses were all finite
     assert meter.reduce(None, "train")["nonfinite_steps"] == 1
     assert meter.reduce(None, "train")["nonfinite_steps"] == 0
+
+
+class _SumOfRanks:
+    """The reduction of ranks whose tensors are given: what allreduce_sum returns to each."""
+
+    def __init__(self, tensors):
+        self.total = sum(tensors)
+
+    def allreduce_sum(self, tensor, name):
+        return self.total
+
+
+def test_a_step_non_finite_on_several_ranks_counts_once():
+    """Two ranks, three steps: both ranks non-finite in step 2, one of them in step 3. The
+    run had 2 non-finite steps, not 3 (the sum over ranks) nor 1 (the most on one rank)."""
+    ranks = [Meter(torch.device("cpu")) for _ in range(2)]
+    for meter, flags in zip(ranks, ([0, 1, 1], [0, 1, 0])):
+        for flag in flags:
+            meter.add_step(torch.tensor(float(flag)))
+    locals_ = [torch.cat([m.sums, *m.steps]) for m in ranks]
+    assert ranks[0].reduce(_SumOfRanks(locals_), "train")["nonfinite_steps"] == 2
