@@ -334,12 +334,44 @@ def test_divergence_stops_with_exit_3_and_keeps_the_finite_checkpoints(digits, t
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if "the loss was not finite" in line]
     assert len(lines) == 1 and "the run diverged" in lines[0], proc.stdout[-3000:]
+    assert "not finite in 1 optimizer step(s)" in lines[0], lines[0]  # one step, on both ranks: once
     assert "Traceback" not in proc.stderr + proc.stdout
     assert status(run_dir)["state"] == "failed"
     assert json.loads((run_dir / checkpoint.MANIFEST).read_text())["files"] == before
     for name in before:
         state = checkpoint.load(run_dir / name)
         assert checkpoint.all_finite(state), f"{name} holds non-finite weights"
+
+
+def test_after_a_divergence_the_run_resumes_from_its_newest_finite_checkpoint(digits, tmp_path):
+    """Weights with a NaN, tolerated for one step (--max-nonfinite-steps 1) and checkpointed
+    every step: the non-finite checkpoint is listed, status.json names the finite one from
+    before, and --resume auto goes back to that one (one warning for the other) instead of
+    into the same divergence."""
+    run_dir = tmp_path / "run"
+    args = job_args(digits, run_dir, "--epochs", "2", "--base-op", "sgd", "--seed", "7")
+    run_and_signal(args, when="epoch 1/2: val", marker=str(run_dir))
+    finite = run_dir / "checkpoint-1.pth.tar"
+    poisoned_copy = tmp_path / "nan.pth.tar"
+    state = checkpoint.load(finite)
+    next(iter(state["model"].values())).view(-1)[0] = float("nan")
+    torch.save(state, poisoned_copy)
+
+    proc = run_job([*args, "--resume", poisoned_copy, "--max-nonfinite-steps", "1", "--checkpoint-every", "1"],
+                   check=False)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the loss was not finite in 2 optimizer step(s) up to step 12" in proc.stdout, proc.stdout[-2000:]
+    entries = json.loads((run_dir / checkpoint.MANIFEST).read_text())["entries"]
+    assert entries["checkpoint-1-step11.pth.tar"]["finite"] is False
+    assert status(run_dir)["state"] == "failed" and status(run_dir)["checkpoint"] == str(finite)
+
+    proc = run_job(args)
+    warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
+    assert warnings == [f"warning: {run_dir / 'checkpoint-1-step11.pth.tar'} holds non-finite weights; trying an "
+                        f"older checkpoint"], proc.stderr
+    assert f"resuming from {finite} (epoch 1, step 10)" in proc.stdout
+    assert status(run_dir)["state"] == "finished"
+    assert checkpoint.all_finite(checkpoint.load(run_dir / "checkpoint-2.pth.tar"))
 
 
 # --- input the model cannot use ------------------------------------------------------------------
@@ -430,6 +462,59 @@ def test_sigterm_to_the_wrapped_launcher_checkpoints(launcher, straight, digits,
     if launcher == "mpirun":
         run_job(args)
         assert_same_weights(run_dir, straight)
+
+
+def wait_until(check, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_ranks_of_a_torchrun_killed_by_sigusr1_checkpoint_and_stop(digits, tmp_path, background):
+    """SIGUSR1 kills a bare torchrun at once (its default action). Its ranks see their
+    launcher gone, checkpoint at the next report and stop, instead of training on to the end."""
+    run_dir = tmp_path / "run"
+    job = background([*TORCHRUN, TRAIN, *job_args(digits, run_dir, "--epochs", "1000")], run_dir)
+    job.wait_for("epoch 1/1000 step 2/")
+    ranks = rank_pids(str(run_dir))
+    assert len(ranks) == 2
+    os.kill(job.proc.pid, signal.SIGUSR1)
+    assert job.finish() == -signal.SIGUSR1
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in ranks.values()), what="the ranks to stop")
+    assert status(run_dir)["state"] == "stopped" and status(run_dir)["epoch"] == 0
+    assert checkpoint.load(Path(status(run_dir)["checkpoint"]))["step"] == status(run_dir)["step"]
+
+
+def test_sigint_to_torchrun_checkpoints(digits, tmp_path, background):
+    """torchrun passes SIGINT on to its workers; a first SIGINT is a stop with a checkpoint."""
+    run_dir = tmp_path / "run"
+    job = background([*TORCHRUN, TRAIN, *job_args(digits, run_dir, *RUN)], run_dir)
+    job.wait_for("epoch 1/2 step 3/")
+    os.kill(job.proc.pid, signal.SIGINT)
+    job.finish()
+    assert status(run_dir)["state"] == "stopped", job.output[-3000:]
+    assert "stopped by SIGINT" in job.output and "KeyboardInterrupt" not in job.output
+
+
+def test_the_wrapper_returns_the_jobs_own_status_under_torchrun(digits, tmp_path):
+    """Bad input exits 2 on every rank; torchrun makes that 1 (and prints a traceback of its
+    own); python -m largebatch.launch torchrun ... returns the 2."""
+    proc = subprocess.run([*LAUNCH, *TORCHRUN, TRAIN, *job_args(digits, tmp_path / "run", "--crop-ratio", "1,inf")],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "--crop-ratio" in proc.stderr
+
+
+def test_sigint_to_one_horovod_rank_stops_them_all_with_a_checkpoint(digits, tmp_path, background):
+    run_dir = tmp_path / "run"
+    job = background(mpi_command(2, TRAIN, job_args(digits, run_dir, *RUN, "--engine", "horovod")), run_dir)
+    job.wait_for("epoch 1/2 step 3/")
+    os.kill(rank_pids(str(run_dir))[1], signal.SIGINT)
+    assert job.finish() == 0, job.output[-3000:]
+    assert status(run_dir)["state"] == "stopped"
+    assert "Traceback" not in job.output and "HorovodInternalError" not in job.output, job.output[-3000:]
 
 
 def test_torchrun_forwards_sigterm_to_its_workers(digits, tmp_path, background):
