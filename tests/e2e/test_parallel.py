@@ -1,6 +1,6 @@
 """The model-parallel classifier (--enable-model-parallel) in real mpirun jobs: exact
 gradients against the dense model, the parallel cross-entropy against torch's, validation
-against a dense evaluation, and dense checkpoints that resume with 1 and 3 processes."""
+against a dense evaluation, and dense checkpoints that re-shard over 1 and 3 processes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -96,22 +96,34 @@ def test_job_saves_a_dense_classifier(two_process_run):
     assert [v["count"] for v in reported] == [77, 77] and all(v["loss"] < 10 for v in reported)
 
 
-# The 3-process resume runs on the torch engine: a Horovod checkpoint, re-sharded over
-# torch.distributed's collectives.
-@pytest.mark.parametrize("np, extra", [(1, []), (3, ["--model-parallel-dim", "0", *VAL_3, "--engine", "torch"])])
-def test_checkpoint_resumes_with_another_number_of_processes(two_process_run, digits_odd, tmp_path, np, extra):
+def evaluated(stdout: str) -> dict:
+    import re
+
+    m = re.search(r"val loss ([\d.]+) top1 ([\d.]+) top5 ([\d.]+) \((\d+) images\)", stdout)
+    assert m, stdout[-2000:]
+    return dict(loss=float(m[1]), top1=float(m[2]), top5=float(m[3]), count=int(m[4]))
+
+
+def test_a_dense_checkpoint_trains_on_only_its_own_process_count(two_process_run, digits_odd, tmp_path):
+    """A 2-process checkpoint: training it on 1 process is refused (its schedule and data
+    order are 2 processes'), and only its weights are read by --evaluate on 1 process (equal
+    to a dense evaluation) and on 3, re-sharded over the torch engine's collectives."""
     run_dir, _ = two_process_run
     saved = run_dir / "checkpoint-1.pth.tar"
-    proc = run_job(job_args(digits_odd, tmp_path / "run", "--epochs", "2", *MP, "--resume", saved, *extra), np=np)
-    assert f"resuming from {saved}" in proc.stdout
-    state = latest_checkpoint(tmp_path / "run")
-    steps = len(datasets.ImageFolder(str(digits_odd / "train"))) // np // 16
-    assert (state["epoch"], state["world_size"]) == (2, np)
-    assert state["step"] == load_checkpoint(saved)["step"] + steps
-    if np == 1:
-        assert_validation_is_dense(proc.stdout, digits_odd, state)
-    else:
-        assert val_lines(proc.stdout)[-1]["count"] == 77
+    proc = run_in_process(job_args(digits_odd, tmp_path / "run", "--epochs", "2", *MP, "--resume", saved))
+    assert_usage_error(proc, f"{saved} was written by 2 processes", "this run has 1")
+    assert not (tmp_path / "run" / "checkpoint-2.pth.tar").exists()
+
+    one = evaluated(run_job(job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, "--resume", saved,
+                                     "--evaluate"), np=1).stdout)
+    expected = dense_evaluation(digits_odd, load_checkpoint(saved))
+    assert one["count"] == expected["count"] == 77
+    assert one["top1"] == pytest.approx(expected["top1"], abs=0.006)
+    assert one["loss"] == pytest.approx(expected["loss"], rel=1e-3, abs=1e-4)
+    three = evaluated(run_job(job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, "--resume", saved,
+                                       "--evaluate", "--model-parallel-dim", "0", *VAL_3, "--engine", "torch"),
+                              np=3).stdout)
+    assert three["count"] == 77 and three["top1"] == pytest.approx(one["top1"], abs=0.006)
 
 
 def test_each_rank_loads_its_slice_and_saves_the_same_dense_state(two_process_run, digits_odd, tmp_path, engine):
