@@ -302,7 +302,7 @@ def recalibrated(run: Run, data: Path, runs: Path) -> float:
     cfg = parse_config(run.argv(data, runs), "folder")
     loader = lambda root: torch.utils.data.DataLoader(  # noqa: E731
         datasets.ImageFolder(str(root), val_transform(cfg)), batch_size=512)
-    model = build_model(cfg.optim.model, 10)
+    model = build_model(cfg.model.model, 10)
     model.load_state_dict(checkpoint.load(sorted((runs / run.dir).glob("checkpoint-*.pth.tar"))[-1])["model"])
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

@@ -187,8 +187,8 @@ class Check:
         cfg = self.config(flags)
         engine = self.ensure_engine(cfg)
         device = job.pick_device(cfg, engine)  # refuses fp16 levels without a GPU (UsageError)
-        job.configure_determinism(False, cfg.dist.seed)
-        data = job.build_input(cfg, "folder", engine, device)
+        job.configure_determinism(False, cfg.run.seed)
+        data = job.build_input(cfg, engine, device)
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -265,7 +265,7 @@ class Check:
         job_rate = consume(job_input.train(1))
         plain_set = _open(cfg.data.train_dir, "--train-dir", train_transform(cfg, uint8=False))
         loader = DataLoader(plain_set, batch_size=s["folder_batch"], drop_last=True, collate_fn=_collate,
-                            sampler=TrainShard(len(plain_set), 0, 1, cfg.dist.seed, 1), num_workers=cfg.data.workers)
+                            sampler=TrainShard(len(plain_set), 0, 1, cfg.run.seed, 1), num_workers=cfg.data.workers)
         plain_rate = consume((images.to(device), labels.to(device)) for images, labels, _ in loader)
         return {"images": len(job_input.train_set), "workers": cfg.data.workers,
                 "path": "FolderInput: uint8 + CudaPrefetcher" if cuda else "FolderInput on CPU (no prefetcher)",

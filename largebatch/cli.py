@@ -43,7 +43,7 @@ def _main(entry: str, argv: list[str] | None) -> int:
     try:
         cfg = parse_config(argv, entry)
         from .job import run  # torch/horovod import after the flags are known to be good
-        return run(cfg, entry, stop)
+        return run(cfg, stop)
     except (UsageError, ShardingError) as e:
         # Every rank reaches the same verdict (the checks are agreed across ranks): one says it.
         # Bad data met while reading is one rank's own finding: that rank says it.

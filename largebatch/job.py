@@ -21,6 +21,7 @@ import schedulers
 from . import checkpoint
 from .argparsing import UsageError
 from .config import Config
+from .data import Input
 from .files import atomic_write, clean_stale_temps, create_new
 from .engines import Engine, choose, init_engine, launcher_rank
 from .logs import Board, Console
@@ -39,49 +40,49 @@ DIVERGED = 3  # exit status of a run stopped by non-finite losses (2: bad input,
 EXIT_STATUS = {"diverged": DIVERGED, "unreadable": 2}
 
 
-def run(cfg: Config, entry: str, stop: StopRequest | None = None) -> int:
+def run(cfg: Config, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest()
     configure_threads(cfg.numerics.threads)
     engine = start_engine(cfg)
     try:
-        return run_on(engine, cfg, entry, stop)
+        return run_on(engine, cfg, stop)
     finally:
         engine.close()
 
 
-def run_on(engine: Engine, cfg: Config, entry: str, stop: StopRequest) -> int:
+def run_on(engine: Engine, cfg: Config, stop: StopRequest) -> int:
     device = pick_device(cfg, engine)
-    if cfg.output.evaluate:
-        return run_evaluation(cfg, entry, engine, device)
-    lock = prepare_run_dir(cfg.output.log_dir, engine)  # held until the run ends (or the process dies)
-    data = build_input(cfg, entry, engine, device)
-    console = Console(engine.is_main, cfg.output.progress)
+    if cfg.run.evaluate:
+        return run_evaluation(cfg, engine, device)
+    lock = prepare_run_dir(cfg.run.log_dir, engine)  # held until the run ends (or the process dies)
+    data = build_input(cfg, engine, device)
+    console = Console(engine.is_main, cfg.run.progress)
     console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(engine.size)},
                    world=f"{engine.size} process(es), {engine.name} engine, device {device}, global batch "
-                         f"{cfg.optim.batch_size * cfg.optim.batches_per_allreduce * engine.size}")
+                         f"{cfg.schedule.batch_size * cfg.schedule.batches_per_allreduce * engine.size}")
 
-    configure_determinism(cfg.numerics.deterministic, cfg.dist.seed + engine.rank)
-    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.optim.batches_per_allreduce,
+    configure_determinism(cfg.numerics.deterministic, cfg.run.seed + engine.rank)
+    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.schedule.batches_per_allreduce,
                         model=initial_model(cfg, engine, data.num_classes))
     data = state.classifier.input(data, cfg.data.image_size, device)
-    torch.manual_seed(cfg.dist.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
+    torch.manual_seed(cfg.run.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
     state.start(read_checkpoint(cfg, engine))
-    if state.position.epoch >= cfg.optim.epochs:
-        console.print(f"{cfg.output.log_dir} already finished its {cfg.optim.epochs} epochs; nothing to do "
+    if state.position.epoch >= cfg.schedule.epochs:
+        console.print(f"{cfg.run.log_dir} already finished its {cfg.schedule.epochs} epochs; nothing to do "
                       f"(a new run needs a new --log-dir)")
         return 0
 
     step = state.position.step
-    board = Board(cfg.output.log_dir, engine.is_main, purge_step=step + 1 if step else None)
-    profiler = StepProfiler(cfg.numerics.prof, cfg.output.log_dir / "profile", engine.rank, device, engine, cfg.numerics.timeline)
+    board = Board(cfg.run.log_dir, engine.is_main, purge_step=step + 1 if step else None)
+    profiler = StepProfiler(cfg.profile.prof, cfg.run.log_dir / "profile", engine.rank, device, engine, cfg.profile.timeline)
     result = train(state, data, cfg, Hooks(console, board, stop, profiler, saver(cfg, board)))
     if result == "profiled":
-        console.print(f"profiled {cfg.numerics.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
+        console.print(f"profiled {cfg.profile.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
     if engine.is_main:
         # After a divergence, the checkpoint to go back to: the newest finite one.
-        write_status(cfg.output.log_dir, "failed" if result in EXIT_STATUS else result, state.position,
+        write_status(cfg.run.log_dir, "failed" if result in EXIT_STATUS else result, state.position,
                      checkpoints(cfg).latest(finite_only=result == "diverged"))
-        console.print(f"{result}: run directory {cfg.output.log_dir} (TensorBoard: tensorboard --logdir {cfg.output.log_dir})")
+        console.print(f"{result}: run directory {cfg.run.log_dir} (TensorBoard: tensorboard --logdir {cfg.run.log_dir})")
     board.close()
     if lock is not None:
         lock.release()
@@ -90,17 +91,17 @@ def run_on(engine: Engine, cfg: Config, entry: str, stop: StopRequest) -> int:
     return EXIT_STATUS.get(result, 0)
 
 
-def run_evaluation(cfg: Config, entry: str, engine: Engine, device: torch.device) -> int:
+def run_evaluation(cfg: Config, engine: Engine, device: torch.device) -> int:
     """--evaluate: validate one set of weights over every validation image exactly once (on
     any number of processes) and print loss, top-1 and top-5. The weights: --resume PATH, else
     the newest checkpoint in --log-dir, else (with --pretrained) torchvision's. It takes no run
     lock and writes nothing, so it may look at a run that is still training."""
-    data = build_input(cfg, entry, engine, device)
-    console = Console(engine.is_main, cfg.output.progress)
+    data = build_input(cfg, engine, device)
+    console = Console(engine.is_main, cfg.run.progress)
     found = on_rank_0(engine, lambda: find_weights(cfg, data.num_classes), name="evaluate_check")
-    configure_determinism(cfg.numerics.deterministic, cfg.dist.seed + engine.rank)
+    configure_determinism(cfg.numerics.deterministic, cfg.run.seed + engine.rank)
     state = build_state(cfg, engine, device, data.num_classes,
-                        max(1, data.batches_per_epoch // cfg.optim.batches_per_allreduce),
+                        max(1, data.batches_per_epoch // cfg.schedule.batches_per_allreduce),
                         model=initial_model(cfg, engine, data.num_classes))
     # Only the weights: the optimizer and schedule of the flags given need not match the run's.
     path, ckpt = found if found else (None, None)
@@ -109,7 +110,7 @@ def run_evaluation(cfg: Config, entry: str, engine: Engine, device: torch.device
         state.model, state.optimizer)
     if weights is None:
         state.start(None)  # rank 0's (pretrained) weights on every rank
-        source = f"torchvision's pretrained {cfg.optim.model}"
+        source = f"torchvision's pretrained {cfg.model.model}"
     else:
         state.model.load_state_dict(weights["model"])
         source = str(engine.broadcast_object(path and f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})",
@@ -122,20 +123,20 @@ def run_evaluation(cfg: Config, entry: str, engine: Engine, device: torch.device
 
 def find_weights(cfg: Config, num_classes: int) -> tuple[Path, dict] | None:
     """Rank 0: the checkpoint --evaluate validates, or None for --pretrained weights."""
-    if cfg.output.resume not in ("auto", "none"):
-        path = Path(cfg.output.resume)
+    if cfg.run.resume not in ("auto", "none"):
+        path = Path(cfg.run.resume)
         found = path, checkpoint.load(path)
     else:
         found = (checkpoints(cfg, read_only=True).load_newest(finite_only=True)
-                 if cfg.output.resume == "auto" and cfg.output.log_dir.is_dir() else None)
+                 if cfg.run.resume == "auto" and cfg.run.log_dir.is_dir() else None)
     if found is None:
-        if cfg.optim.pretrained:
+        if cfg.model.pretrained:
             return None
-        raise UsageError(f"--evaluate: no checkpoint in --log-dir {cfg.output.log_dir}; give --resume PATH "
+        raise UsageError(f"--evaluate: no checkpoint in --log-dir {cfg.run.log_dir}; give --resume PATH "
                          f"(or --pretrained for torchvision's weights)")
     path, state = found
     saved = state.get("args", {})
-    for key, now in (("model", cfg.optim.model), ("num_classes", num_classes)):
+    for key, now in (("model", cfg.model.model), ("num_classes", num_classes)):
         if saved.get(key) is not None and saved[key] != now:
             raise UsageError(f"--evaluate: {path} holds a {key.replace('_', ' ')} {saved[key]} model, "
                              f"this command line builds {now}")
@@ -145,25 +146,25 @@ def find_weights(cfg: Config, num_classes: int) -> tuple[Path, dict] | None:
 def initial_model(cfg: Config, engine: Engine, num_classes: int) -> torch.nn.Module | None:
     """With --pretrained, the model with torchvision's weights (every rank reads them, and a
     problem on any rank stops all of them); else None: build_state builds it fresh."""
-    if not cfg.optim.pretrained:
+    if not cfg.model.pretrained:
         return None
-    torch.manual_seed(cfg.dist.seed)  # a classifier that does not fit the weights starts as a fresh one would
-    return on_every_rank(engine, lambda: build_model(cfg.optim.model, num_classes, pretrained=True),
+    torch.manual_seed(cfg.run.seed)  # a classifier that does not fit the weights starts as a fresh one would
+    return on_every_rank(engine, lambda: build_model(cfg.model.model, num_classes, pretrained=True),
                          name="pretrained_check")
 
 
 def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: int, steps_per_epoch: int,
                 model: torch.nn.Module | None = None) -> TrainState:
-    """The model (``model``, or ``cfg.optim.model`` built fresh), its classifier split or not,
+    """The model (``model``, or ``cfg.model.model`` built fresh), its classifier split or not,
     precision, the optimizer with the engine's gradient averaging, and the schedule. Every
     rank builds the same initial weights (same seed); ``TrainState.start`` then makes them
     rank 0's or the checkpoint's."""
-    classifier = build_classifier(engine, num_classes, cfg.optim.label_smoothing, cfg.dist.enable_model_parallel,
+    classifier = build_classifier(engine, num_classes, cfg.model.label_smoothing, cfg.dist.enable_model_parallel,
                                   cfg.dist.model_parallel_dim)
     if model is None:
-        torch.manual_seed(cfg.dist.seed)
-        model = build_model(cfg.optim.model, num_classes)
-        check_input(model, cfg.optim.model, cfg.data.image_size, cfg.optim.batch_size,
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg.model.model, num_classes)
+        check_input(model, cfg.model.model, cfg.data.image_size, cfg.schedule.batch_size,
                     shared_bn=cfg.numerics.sync_bn and engine.size > 1)
     model = classifier.convert(model)  # before .to(device): the dense layer never reaches the GPU
     if cfg.numerics.sync_bn:
@@ -171,7 +172,7 @@ def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: 
     precision = Precision(device, cfg.numerics.policy, cfg.numerics.channels_last)
     model = precision.prepare(model.to(device))
     gradients = engine.gradients(build_optimizer(cfg, model, cfg.lr(engine.size)), model,
-                                 micro_batches=cfg.optim.batches_per_allreduce, compression=cfg.dist.compression,
+                                 micro_batches=cfg.schedule.batches_per_allreduce, compression=cfg.dist.compression,
                                  adasum=cfg.dist.use_adasum, predivide=cfg.dist.gradient_predivide_factor,
                                  exclude=classifier.owned(model))
     optimizer = gradients.optimizer
@@ -209,11 +210,11 @@ def saver(cfg: Config, board: Board):
         if checkpoint_dict is not None:
             try:
                 path = store.save(checkpoint_dict, epoch_end)
-                write_status(cfg.output.log_dir, "running", state.position, path)
+                write_status(cfg.run.log_dir, "running", state.position, path)
                 board.flush()
             except OSError as e:
                 problem = str(e) if isinstance(e, checkpoint.CheckpointWriteError) else \
-                    f"cannot write to {cfg.output.log_dir}: {e.strerror or e}"
+                    f"cannot write to {cfg.run.log_dir}: {e.strerror or e}"
         problem = state.engine.broadcast_object(problem, name="save_check")
         if problem:
             raise checkpoint.CheckpointWriteError(None, problem)
@@ -231,9 +232,9 @@ def start_engine(cfg: Config) -> Engine:
     name, note = choose(cfg.dist.engine)
     if note and launcher_rank() == 0:
         print(note, flush=True)
-    engine = init_engine(name, timeline=cfg.numerics.timeline, use_gpu=not cfg.dist.no_cuda)
+    engine = init_engine(name, timeline=cfg.profile.timeline, use_gpu=not cfg.numerics.no_cuda)
     for flag, feature, wanted in (("--use-adasum", "adasum", cfg.dist.use_adasum),
-                                  ("--timeline", "timeline", cfg.numerics.timeline),
+                                  ("--timeline", "timeline", cfg.profile.timeline),
                                   ("--bf16-allreduce", "bf16_allreduce", cfg.dist.bf16_allreduce)):
         if wanted and feature not in engine.features:
             other = "torch" if engine.name == "horovod" else "Horovod"
@@ -243,10 +244,10 @@ def start_engine(cfg: Config) -> Engine:
 
 
 def pick_device(cfg: Config, engine: Engine) -> torch.device:
-    if cfg.dist.no_cuda or not torch.cuda.is_available():
+    if cfg.numerics.no_cuda or not torch.cuda.is_available():
         policy = cfg.numerics.policy
         if policy.needs_gpu:
-            why = "--no-cuda was given" if cfg.dist.no_cuda else "no CUDA GPU is visible"
+            why = "--no-cuda was given" if cfg.numerics.no_cuda else "no CUDA GPU is visible"
             raise UsageError(f"{policy.name} computes in fp16, which needs a GPU, but {why}; "
                              f"on CPU use --precision amp-bf16 or bf16")
         if cfg.numerics.sync_bn:
@@ -305,13 +306,13 @@ def prepare_run_dir(log_dir: Path, engine: Engine) -> RunLock | None:
     return on_rank_0(engine, claim, name="run_dir_check")
 
 
-def build_input(cfg: Config, entry: str, engine: Engine, device: torch.device):
+def build_input(cfg: Config, engine: Engine, device: torch.device) -> Input:
     """Every rank opens the data; a problem found by any rank stops all of them."""
     def open_input():
         if cfg.data.synthetic:
             from .data.synthetic import SyntheticInput
             return SyntheticInput(cfg, engine.rank, engine.size, device)
-        if entry == "dali":
+        if cfg.run.entry == "dali":
             from .data.dali import DaliInput
             return DaliInput(cfg, engine.rank, engine.size, device)
         from .data.folder import FolderInput
@@ -362,39 +363,39 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opt
 
 
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    total = cfg.optim.epochs * steps_per_epoch
-    if cfg.optim.lr_schedule == "poly":
+    warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    total = cfg.schedule.epochs * steps_per_epoch
+    if cfg.schedule.lr_schedule == "poly":
         return schedulers.PolynomialWarmup(optimizer, decay_steps=total, warmup_steps=warmup,
-                                           end_lr=cfg.optim.end_lr, power=cfg.optim.lr_power)
-    if cfg.optim.lr_schedule == "cosine":
-        return schedulers.CosineWarmup(optimizer, decay_steps=total, warmup_steps=warmup, end_lr=cfg.optim.end_lr)
-    milestones = [math.ceil(e * steps_per_epoch) for e in cfg.optim.lr_decay_epochs]
+                                           end_lr=cfg.schedule.end_lr, power=cfg.schedule.lr_power)
+    if cfg.schedule.lr_schedule == "cosine":
+        return schedulers.CosineWarmup(optimizer, decay_steps=total, warmup_steps=warmup, end_lr=cfg.schedule.end_lr)
+    milestones = [math.ceil(e * steps_per_epoch) for e in cfg.schedule.lr_decay_epochs]
     return schedulers.MultiStepWarmup(optimizer, milestones=milestones, gamma=0.1, warmup_steps=warmup)
 
 
 def checkpoints(cfg: Config, read_only: bool = False) -> checkpoint.Checkpoints:
-    return checkpoint.Checkpoints(cfg.output.log_dir, cfg.output.checkpoint_format, cfg.output.keep_checkpoints,
+    return checkpoint.Checkpoints(cfg.run.log_dir, cfg.run.checkpoint_format, cfg.run.keep_checkpoints,
                                   read_only=read_only)
 
 
 def find_checkpoint(cfg: Config, world_size: int) -> dict | None:
     store = checkpoints(cfg)
-    if cfg.output.resume == "none":
+    if cfg.run.resume == "none":
         if store.latest() is not None:
-            raise UsageError(f"--log-dir {cfg.output.log_dir} already holds checkpoints ({store.latest().name}); "
+            raise UsageError(f"--log-dir {cfg.run.log_dir} already holds checkpoints ({store.latest().name}); "
                              f"use --resume auto to continue that run, or a new --log-dir")
         return None
-    if cfg.output.resume == "auto":
+    if cfg.run.resume == "auto":
         # Skips damaged and non-finite files (one warning each): a run that diverged goes
         # back to its newest finite checkpoint, not into the same divergence.
         found = store.load_newest(finite_only=True)
         if found is None:
-            refuse_restart(cfg.output.log_dir)
+            refuse_restart(cfg.run.log_dir)
             return None
         path, state = found
     else:
-        path = Path(cfg.output.resume)
+        path = Path(cfg.run.resume)
         state = checkpoint.load(path)
     checkpoint.check_same_run(state, cfg, path)
     checkpoint.check_world_size(state, world_size, path)

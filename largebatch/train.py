@@ -29,22 +29,22 @@ class Hooks:
 
 
 def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
-    """Train from ``state.position`` to ``cfg.optim.epochs``. Returns "finished"; "stopped" after a
+    """Train from ``state.position`` to ``cfg.schedule.epochs``. Returns "finished"; "stopped" after a
     stop request (a signal), once a checkpoint is written; "profiled" once --prof's steps are
     recorded; "diverged" when more than --max-nonfinite-steps steps had a non-finite loss; or
     "unreadable" when an epoch trained on less than half the images it read.
     ``state.position`` tells where it ended."""
-    n_micro = cfg.optim.batches_per_allreduce
+    n_micro = cfg.schedule.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
     engine, pos = state.engine, state.position
-    images_per_step = cfg.optim.batch_size * n_micro * engine.size
+    images_per_step = cfg.schedule.batch_size * n_micro * engine.size
     nonfinite_steps = 0
     device = next(state.model.parameters()).device
     too_small = SmallBatches(2 if has_batchnorm(state.model) else 1, cfg.data.image_size, device)
-    for epoch in range(pos.epoch, cfg.optim.epochs):
+    for epoch in range(pos.epoch, cfg.schedule.epochs):
         state.model.train()
         meter, speed = Meter(device, state.classifier.hits), Throughput()
-        hooks.console.start_epoch(epoch, cfg.optim.epochs, steps_per_epoch, pos.epoch_step)
+        hooks.console.start_epoch(epoch, cfg.schedule.epochs, steps_per_epoch, pos.epoch_step)
         batches = too_small.skipped(data.train(epoch, start_batch=pos.epoch_step * n_micro))
         images = Images(expected=(steps_per_epoch - pos.epoch_step) * images_per_step)
         while pos.epoch_step < steps_per_epoch:
@@ -54,14 +54,14 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
             pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
             if hooks.profiler.step():
                 return "profiled"
-            if pos.epoch_step % cfg.output.print_freq == 0 or pos.epoch_step == steps_per_epoch:
+            if pos.epoch_step % cfg.run.print_freq == 0 or pos.epoch_step == steps_per_epoch:
                 stats = report(state, meter, speed, hooks, lr)
                 nonfinite_steps += stats["nonfinite_steps"]
                 images.trained += stats["count"]
-                if nonfinite_steps > cfg.optim.max_nonfinite_steps:
+                if nonfinite_steps > cfg.run.max_nonfinite_steps:
                     hooks.console.end_epoch(f"stopped: the loss was not finite in {nonfinite_steps} optimizer "
                                             f"step(s) up to step {pos.step} (--max-nonfinite-steps "
-                                            f"{cfg.optim.max_nonfinite_steps}); the run diverged, its last finite "
+                                            f"{cfg.run.max_nonfinite_steps}); the run diverged, its last finite "
                                             f"checkpoint is kept")
                     return "diverged"
                 if hooks.stop.agreed(engine):
@@ -69,7 +69,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
                     hooks.console.end_epoch(f"stopped by {hooks.stop.reason} at epoch {epoch + 1} step "
                                             f"{pos.epoch_step}; checkpoint written, resume with --resume auto")
                     return "stopped"
-            if cfg.output.checkpoint_every and pos.step % cfg.output.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
+            if cfg.run.checkpoint_every and pos.step % cfg.run.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
                 hooks.save(state, False)
         batches.close()
         if images.starved():  # no epoch of it is validated or saved
@@ -83,7 +83,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
                                        "epoch": epoch + 1})
         pos.epoch, pos.epoch_step = epoch + 1, 0
         hooks.save(state, True)
-        hooks.console.end_epoch(f"epoch {epoch + 1}/{cfg.optim.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
+        hooks.console.end_epoch(f"epoch {epoch + 1}/{cfg.schedule.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
                                 f"top5 {val['top5']:.2f} ({val['count']} images)")
         if hooks.stop.agreed(engine):  # a signal during validation or the epoch's checkpoint
             hooks.console.print(f"stopped by {hooks.stop.reason} at the end of epoch {epoch + 1}; checkpoint "

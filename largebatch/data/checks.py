@@ -26,10 +26,10 @@ def same_classes(train: list[str], val: list[str], train_name: str, val_name: st
 
 def batches_per_epoch(cfg, size: int, n_train: int, source: str) -> int:
     """Each rank's micro-batches per epoch; at least one optimizer step's worth, or refused."""
-    batches = (n_train // size) // cfg.optim.batch_size
-    if batches < cfg.optim.batches_per_allreduce:
-        needed = cfg.optim.batch_size * cfg.optim.batches_per_allreduce * size
-        raise UsageError(f"--batch-size {cfg.optim.batch_size} x --batches-per-allreduce "
-                         f"{cfg.optim.batches_per_allreduce} x {size} processes needs {needed} training images; "
+    batches = (n_train // size) // cfg.schedule.batch_size
+    if batches < cfg.schedule.batches_per_allreduce:
+        needed = cfg.schedule.batch_size * cfg.schedule.batches_per_allreduce * size
+        raise UsageError(f"--batch-size {cfg.schedule.batch_size} x --batches-per-allreduce "
+                         f"{cfg.schedule.batches_per_allreduce} x {size} processes needs {needed} training images; "
                          f"{source} has {n_train}")
     return batches

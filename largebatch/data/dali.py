@@ -163,13 +163,13 @@ class TFRecordSource:
     def train_plan(self, cfg: Config, rank: int, size: int, epoch: int, start_batch: int, batches: int) -> ReadPlan:
         files = self.files["train"]
         # The same file order on every rank (DALI's shards are ranges of it), new each epoch.
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(mix(cfg.dist.seed, epoch)))
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(mix(cfg.run.seed, epoch)))
         files = [files[i] for i in order.tolist()]
-        seed = sample_seed(cfg.dist.seed, epoch, rank) % 2**31
+        seed = sample_seed(cfg.run.seed, epoch, rank) % 2**31
         reader = dict(path=[f for f, _, _ in files], index_path=[i for _, i, _ in files], shard_id=rank,
                       num_shards=size, random_shuffle=True, initial_fill=min(1024, self.counts["train"] // size),
                       stick_to_shard=True, pad_last_batch=True, seed=seed)
-        return ReadPlan(reader, cfg.optim.batch_size, (batches - start_batch) * cfg.optim.batch_size, skip_batches=start_batch,
+        return ReadPlan(reader, cfg.schedule.batch_size, (batches - start_batch) * cfg.schedule.batch_size, skip_batches=start_batch,
                         seed=seed)
 
     def val_plan(self, cfg: Config, rank: int, size: int) -> ReadPlan:
@@ -178,7 +178,7 @@ class TFRecordSource:
         shard = n * (rank + 1) // size - n * rank // size
         reader = dict(path=[f for f, _, _ in files], index_path=[i for _, i, _ in files], shard_id=rank,
                       num_shards=size, random_shuffle=False, stick_to_shard=True, pad_last_batch=True)
-        return ReadPlan(reader, cfg.optim.val_batch_size, shard, training=False)
+        return ReadPlan(reader, cfg.data.val_batch_size, shard, training=False)
 
 
 class FolderSource:
@@ -209,14 +209,14 @@ class FolderSource:
                     random_shuffle=False, pad_last_batch=False)
 
     def train_plan(self, cfg: Config, rank: int, size: int, epoch: int, start_batch: int, batches: int) -> ReadPlan:
-        shard = TrainShard(len(self.train), rank, size, cfg.dist.seed, epoch, start=start_batch * cfg.optim.batch_size)
-        indices = shard.indices[:(batches - start_batch) * cfg.optim.batch_size]
-        seed = sample_seed(cfg.dist.seed, epoch, rank) % 2**31
-        return ReadPlan(self._reader(self.train, indices), cfg.optim.batch_size, len(indices), seed=seed, kind="file")
+        shard = TrainShard(len(self.train), rank, size, cfg.run.seed, epoch, start=start_batch * cfg.schedule.batch_size)
+        indices = shard.indices[:(batches - start_batch) * cfg.schedule.batch_size]
+        seed = sample_seed(cfg.run.seed, epoch, rank) % 2**31
+        return ReadPlan(self._reader(self.train, indices), cfg.schedule.batch_size, len(indices), seed=seed, kind="file")
 
     def val_plan(self, cfg: Config, rank: int, size: int) -> ReadPlan:
         indices = ValShard(len(self.val), rank, size).indices
-        return ReadPlan(self._reader(self.val, indices), cfg.optim.val_batch_size, len(indices), training=False, kind="file")
+        return ReadPlan(self._reader(self.val, indices), cfg.data.val_batch_size, len(indices), training=False, kind="file")
 
 
 class DaliInput:
@@ -230,7 +230,7 @@ class DaliInput:
                              "see requirements.txt)") from None
         if cfg.dali.dali_device == "gpu":
             if device.type != "cuda":
-                why = "--no-cuda was given" if cfg.dist.no_cuda else "no CUDA GPU is visible to this process"
+                why = "--no-cuda was given" if cfg.numerics.no_cuda else "no CUDA GPU is visible to this process"
                 raise UsageError(f"--dali-device gpu needs a GPU, but {why}; use --dali-device cpu")
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         else:

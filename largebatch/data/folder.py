@@ -142,13 +142,13 @@ class FolderInput:
         self._warned: set[str] = set()  # files whose decoder warnings were reported
 
     def train(self, epoch: int, start_batch: int = 0):
-        sampler = TrainShard(len(self.train_set), self.rank, self.size, self.cfg.dist.seed, epoch,
-                             start=start_batch * self.cfg.optim.batch_size)
-        return self._batches(self.train_set, sampler, self.cfg.optim.batch_size, drop_last=True)
+        sampler = TrainShard(len(self.train_set), self.rank, self.size, self.cfg.run.seed, epoch,
+                             start=start_batch * self.cfg.schedule.batch_size)
+        return self._batches(self.train_set, sampler, self.cfg.schedule.batch_size, drop_last=True)
 
     def val(self):
         sampler = ValShard(len(self.val_set), self.rank, self.size)
-        return self._batches(self.val_set, sampler, self.cfg.optim.val_batch_size, drop_last=False)
+        return self._batches(self.val_set, sampler, self.cfg.data.val_batch_size, drop_last=False)
 
     def _batches(self, dataset, sampler, batch_size: int, drop_last: bool):
         # A worker process only pays for its start-up while the step runs on a batch already

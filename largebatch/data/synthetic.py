@@ -14,10 +14,10 @@ class SyntheticInput:
         self.cfg = cfg
         self.num_classes = cfg.data.num_classes or 1000
         self.batches_per_epoch = batches_per_epoch(cfg, size, cfg.data.synthetic_size, "--synthetic-size")
-        self.val_batches = max(1, cfg.data.synthetic_size // 4 // size // cfg.optim.val_batch_size)
-        g = torch.Generator().manual_seed(mix(cfg.dist.seed, rank))
+        self.val_batches = max(1, cfg.data.synthetic_size // 4 // size // cfg.data.val_batch_size)
+        g = torch.Generator().manual_seed(mix(cfg.run.seed, rank))
         # A small pool, reused: generating fresh tensors every step would time the RNG.
-        shape = (4, cfg.optim.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
+        shape = (4, cfg.schedule.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
         self.images = torch.randn(shape, generator=g).to(device)
         self.labels = torch.randint(0, self.num_classes, shape[:2], generator=g).to(device)
         self.bad_files: set[str] = set()
@@ -27,6 +27,6 @@ class SyntheticInput:
             yield self.images[i % 4], self.labels[i % 4]
 
     def val(self):
-        n = self.cfg.optim.val_batch_size
+        n = self.cfg.data.val_batch_size
         for i in range(self.val_batches):
             yield self.images[i % 4][:n], self.labels[i % 4][:n]

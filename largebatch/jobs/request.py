@@ -168,10 +168,10 @@ def _check_training(train_args: list[str], entry: str, cwd: Path) -> Path:
         cfg = parse_config(list(train_args), entry)
     except UsageError as e:
         raise UsageError(f"training arguments: {e}") from None
-    if cfg.output.resume != "auto":
-        raise UsageError(f"training arguments: --resume {cfg.output.resume}: job scripts always continue with "
+    if cfg.run.resume != "auto":
+        raise UsageError(f"training arguments: --resume {cfg.run.resume}: job scripts always continue with "
                          f"--resume auto (a fresh run needs a new --log-dir)")
-    run_dir = Path(os.path.abspath(cwd / cfg.output.log_dir))
+    run_dir = Path(os.path.abspath(cwd / cfg.run.log_dir))
     if re.search(r"[\s'\"#\\%]", str(run_dir)):
         raise UsageError(f"--log-dir {shlex.quote(str(run_dir))}: scheduler directives cannot take a path "
                          f"with spaces, quotes, '#' or '%'; choose another run directory")

@@ -194,7 +194,7 @@ def test_dali_images_and_labels_match_torchvision(digits, records, fmt):
                 else:
                     flipped += mirrored < straight
                 seen += 1
-    n_train = data.batches_per_epoch * data.cfg.optim.batch_size
+    n_train = data.batches_per_epoch * data.cfg.schedule.batch_size
     assert 0 < flipped < n_train, "training images are never or always flipped"
     assert seen == n_train + len(datasets.ImageFolder(str(digits / "val")))
 

@@ -35,7 +35,7 @@ def test_lars_job_validation_equals_single_process(digits_odd, tmp_path, engine)
 
     state = latest_checkpoint(run_dir)
     cfg = parse_config([str(a) for a in job_args(digits_odd, run_dir, "--epochs", "2")])
-    model = build_model(cfg.optim.model, 10)
+    model = build_model(cfg.model.model, 10)
     model.load_state_dict(state["model"])
     model.eval()
     dataset = datasets.ImageFolder(str(digits_odd / "val"), transform=val_transform(cfg))

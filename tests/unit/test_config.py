@@ -28,7 +28,7 @@ def test_original_trainer_command_line_still_parses():
                         "--checkpoint-format", "./checkpoint-{epoch}.pth.tar", "--epsilon", "1e-5",
                         "--label-smoothing", "0.1", "--no-cuda", "--seed", "3", "--model", "resnet50", "--epochs", "90"])
     assert cfg.optim.base_op == "lars" and cfg.optim.bn_bias_separately and cfg.dist.fp16_allreduce
-    assert cfg.optim.batches_per_allreduce == 4 and cfg.optim.warmup_epochs == 0.3125
+    assert cfg.schedule.batches_per_allreduce == 4 and cfg.schedule.warmup_epochs == 0.3125
     assert cfg.data.val_resize == 256  # 224 / 0.875
 
 
@@ -64,3 +64,58 @@ def test_bad_flags_give_one_line_errors(argv, message):
 
 def test_smallest_image_size_is_accepted():
     assert parse_config(BASE + ["--image-size", "8"]).data.image_size == 8
+
+
+# --- the config is declared once ------------------------------------------------------------------
+
+def test_a_field_that_is_neither_a_flag_nor_derived_fails_at_import(monkeypatch):
+    import dataclasses
+
+    from largebatch import config
+
+    @dataclasses.dataclass(frozen=True)
+    class Broken:
+        """broken"""
+        forgotten: int = 0
+
+    monkeypatch.setitem(config.GROUPS, "broken", Broken)
+    with pytest.raises(TypeError, match="Broken.forgotten is neither a flag"):
+        config._check_declarations()
+
+
+def test_every_flag_is_a_field_and_every_field_a_flag_or_derived():
+    import dataclasses
+
+    from largebatch import config
+
+    for entry in config.ENTRIES:
+        parser = config.build_parser(entry)
+        dests = {a.dest for a in parser._actions if a.option_strings} - {"help", "ignored_local_rank"}
+        fields = {f.name for cls in config.GROUPS.values() for f in dataclasses.fields(cls)
+                  if "names" in f.metadata and f.metadata["entry"] in (None, entry)}
+        legacy = {d for d in dests if d.startswith("seed_")}
+        assert dests - legacy == fields, entry
+
+
+@pytest.mark.parametrize("entry", ["folder", "dali"])
+def test_help_gives_every_flag_a_line_and_its_default_once(entry):
+    import argparse
+
+    from largebatch import config
+
+    parser = config.build_parser(entry)
+    text = parser.format_help()
+    assert "(default: None)" not in text and "default: False" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings:
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help"
+        assert formatter._get_help_string(action).count("(default") <= 1, action.option_strings[0]
+
+
+def test_the_entry_is_part_of_the_config():
+    assert parse_config(["--synthetic"]).run.entry == "folder"
+    assert parse_config(["--synthetic"], "dali").run.entry == "dali"
+    assert parse_config(["--synthetic"], "dali").to_dict()["entry"] == "dali"
+    assert "policy" not in parse_config(["--synthetic"]).to_dict()  # derived, not saved: not a plain type

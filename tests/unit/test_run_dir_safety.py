@@ -205,6 +205,6 @@ def test_flags_that_escape_the_run_directory_or_cannot_compute_are_refused(flags
 
 def test_the_current_directory_prefix_still_names_a_file_in_the_run_directory(tmp_path):
     cfg = parse_config(["--synthetic", "--checkpoint-format", "./ck-{epoch}.pt"])
-    store = Checkpoints(tmp_path, cfg.output.checkpoint_format, 1)
+    store = Checkpoints(tmp_path, cfg.run.checkpoint_format, 1)
     assert store.save(state(1), True) == tmp_path / "ck-1.pt"
     assert manifest(tmp_path)["files"] == ["ck-1.pt"]

@@ -17,9 +17,19 @@ LARS_EXAMPLE = ("--batch-size 128 --warmup-epochs 0.3125 --train-dir=/d/ImageNet
                 "--base-lr 5.6568542494924 --base-op lars --bn-bias-separately --wd 0.0001 --lr-scaling keep")
 
 
+def flags(cfg):
+    """Every field of every sub-config by its flag's name, as parsed (tuples stay tuples)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    groups = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
+    return SimpleNamespace(**{f.name: getattr(g, f.name) for g in groups if g is not None
+                              for f in dataclasses.fields(g)})
+
+
 def test_lars_readme_example_means_the_same_training():
     cfg = parse_config(shlex.split(LARS_EXAMPLE))
-    o = cfg.optim
+    o = flags(cfg)
     assert (o.base_op, o.bn_bias_separately, o.batch_size, o.warmup_epochs, o.wd) == ("lars", True, 128, 0.3125, 1e-4)
     assert (o.lr_scaling, o.lr_schedule, o.lr_power, o.end_lr, o.epochs) == ("keep", "poly", 2.0, 0.0, 90)
     assert o.label_smoothing == 0.1  # the original default, which this example relied on
@@ -34,18 +44,18 @@ def test_lars_trainer_defaults_and_its_other_flags():
     cfg = parse_config(["--train-dir", "/t", "--val-dir", "/v", "--lr-decay", "30", "60", "80", "--single-threaded",
                         "--batches-per-allreduce", "4", "--epsilon", "1e-5", "--fp16-allreduce", "--no-cuda",
                         "--seed", "3", "--log-dir", "/tmp/x", "--checkpoint-format", "checkpoint-{epoch}.pth.tar"])
-    o = cfg.optim
+    o = flags(cfg)
     assert (o.base_op, o.bn_bias_separately, o.label_smoothing, o.lr_power) == ("sgd", False, 0.1, 1.0)
     assert o.lr_decay_epochs == (30.0, 60.0, 80.0) and o.lr_schedule == "poly"  # the original never used it either
     assert cfg.data.workers == 0 and o.batches_per_allreduce == 4 and cfg.dist.fp16_allreduce
     assert (o.base_lr, o.warmup_epochs, o.momentum, o.wd, o.epochs, o.batch_size) == (0.0125, 5.0, 0.9, 5e-5, 90, 32)
-    assert parse_config(["--synthetic", "--base-op", "lamb"]).optim.lr_power == 1.0
+    assert parse_config(["--synthetic", "--base-op", "lamb"]).schedule.lr_power == 1.0
 
 
 def test_lars_dali_script_accepts_its_ignored_dirs():
     cfg = parse_config(["--data-dir", "/recs", "--train-dir", "/a", "--val-dir", "/b", "--lr-decay", "30", "60"], "dali")
     assert cfg.dali.data_dir.as_posix() == "/recs" and cfg.data.train_dir is None
-    assert cfg.optim.lr_decay_epochs == (30.0, 60.0)
+    assert cfg.schedule.lr_decay_epochs == (30.0, 60.0)
 
 
 # --- NVIDIA Apex's ImageNet examples (001: main_amp.py, 000: main.py --fp16) -----------------------
@@ -75,7 +85,7 @@ def test_apex_readme_lines(line, level, keep_bn, loss_scale):
     policy = cfg.numerics.policy
     assert (policy.name, policy.keep_bn_fp32, policy.loss_scale) == (level, keep_bn, loss_scale)
     assert (str(cfg.data.train_dir), str(cfg.data.val_dir)) == ("train", "val")
-    o = cfg.optim
+    o = flags(cfg)
     assert (o.model, o.batch_size, o.val_batch_size, cfg.data.workers) == ("resnet50", batch, batch, 4)
     # main_amp.py's recipe: SGD, 0.1 per 256 images of global batch, 5 warmup epochs, x0.1 at 30/60/80
     assert (o.base_op, o.momentum, o.wd, o.bn_bias_separately, o.label_smoothing) == ("sgd", 0.9, 1e-4, False, 0.0)
@@ -87,10 +97,10 @@ def test_apex_flags_and_appended_test_flags():
     line = ("-a resnet18 -b 64 -j 2 --epochs 3 --start-epoch 0 --lr 0.2 --momentum 0.8 --weight-decay 3e-4 -p 5 "
             "--resume auto --deterministic --sync_bn --channels-last False --pretrained -e /data")
     cfg = parse_config(shlex.split(line) + ["--image-size", "16", "--no-cuda"])
-    o = cfg.optim
+    o = flags(cfg)
     assert (o.model, o.batch_size, cfg.data.workers, o.epochs, o.momentum, o.wd) == ("resnet18", 64, 2, 3, 0.8, 3e-4)
     assert cfg.lr(4) == pytest.approx(0.2 * 64 * 4 / 256)
-    assert (cfg.output.print_freq, cfg.output.evaluate, o.pretrained) == (5, True, True)
+    assert (cfg.run.print_freq, cfg.run.evaluate, o.pretrained) == (5, True, True)
     assert cfg.numerics.deterministic and cfg.numerics.sync_bn and not cfg.numerics.channels_last
     assert cfg.data.image_size == 16 and str(cfg.data.train_dir) == "/data/train"
     # Apex's --channels-last True, and our bare flag
@@ -105,7 +115,7 @@ def test_apex_schedule_is_main_amp_schedule():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr(world))
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    for epoch in range(cfg.optim.epochs):
+    for epoch in range(cfg.schedule.epochs):
         for step in range(steps_per_epoch):
             factor = epoch // 30 + (1 if epoch >= 80 else 0)
             expected = 0.1 * 224 * world / 256 * 0.1 ** factor
@@ -118,7 +128,7 @@ def test_apex_schedule_is_main_amp_schedule():
 
 def test_our_flags_without_a_data_root_keep_our_meaning():
     cfg = parse_config(["--synthetic", "-a", "resnet18", "-b", "8"])
-    assert (cfg.optim.model, cfg.optim.batch_size, cfg.optim.lr_schedule, cfg.optim.base_lr) == ("resnet18", 8, "poly", 0.0125)
+    assert (cfg.model.model, cfg.schedule.batch_size, cfg.schedule.lr_schedule, cfg.schedule.base_lr) == ("resnet18", 8, "poly", 0.0125)
 
 
 # --- TorchShard (003) -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_takes_small_images_and_trains():
 
 def test_names_in_flags(tmp_path):
     base = ["--train-dir", str(tmp_path), "--val-dir", str(tmp_path)]
-    assert parse_config(base + ["--model", "cifar_resnet20"], "folder").optim.model == "cifar_resnet20"
+    assert parse_config(base + ["--model", "cifar_resnet20"], "folder").model.model == "cifar_resnet20"
     with pytest.raises(UsageError, match="not a torchvision classification model or a cifar_resnet"):
         parse_config(base + ["--model", "cifar_resnet21"], "folder")
     with pytest.raises(UsageError, match="no trained weights for cifar_resnet8"):

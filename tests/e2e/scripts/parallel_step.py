@@ -47,7 +47,7 @@ def compare(dist, dim: int, op: str, num_classes: int) -> None:
     initial = copy.deepcopy(dense.state_dict())
     dense_opt = build_optimizer(cfg, dense, cfg.lr(dist.size))
     dense_sched = build_scheduler(cfg, dense_opt, steps_per_epoch=3)
-    dense_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    dense_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.model.label_smoothing)
     for step in range(STEPS):
         dense_loss(dense(images[step]), labels[step]).backward()
         dense_opt.step()

@@ -20,7 +20,7 @@ def build(engine, log_dir):
     cfg = parse_config(["--synthetic", "--model", "shufflenet_v2_x0_5", "--num-classes", "10", "--base-op", "lars",
                         "--bn-bias-separately", "--label-smoothing", "0", "--wd", "0.01", "--epochs", "2", "--warmup-epochs", "1", "--log-dir", str(log_dir)])
     torch.manual_seed(1234 + engine.rank)  # ranks start from different weights on purpose
-    return cfg, build_state(cfg, engine, CPU, num_classes=10, steps_per_epoch=5, model=build_model(cfg.optim.model, 10))
+    return cfg, build_state(cfg, engine, CPU, num_classes=10, steps_per_epoch=5, model=build_model(cfg.model.model, 10))
 
 
 def snapshot(model):
