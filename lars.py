@@ -29,7 +29,8 @@ in place and touches each tensor while it is still in cache.
 optimizers with the usual large-batch convention of exempting normalisation
 and bias parameters from weight decay and from the trust ratio.
 """
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim.optimizer import required
@@ -38,12 +39,12 @@ __all__ = ["LARS", "LAMB", "create_optimizer_lars", "create_optimizer_lamb", "pa
 
 
 def _trust_ratios(
-    w_norms: List[torch.Tensor],
-    d_norms: List[torch.Tensor],
+    w_norms: list[torch.Tensor],
+    d_norms: list[torch.Tensor],
     numerator_scale: float,
     d_w_scale: float,
     epsilon: float,
-    trust_clip: Optional[float],
+    trust_clip: float | None,
 ) -> torch.Tensor:
     """Per-tensor ``s * ||w|| / (||d|| + c * ||w|| + eps)`` as one 1-D tensor.
 
@@ -62,7 +63,7 @@ def _trust_ratios(
     return ratio
 
 
-def _norms(optimizer, params: List[torch.Tensor], tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+def _norms(optimizer, params: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-tensor L2 norms of ``tensors`` (the parameters or their updates), through the
     optimizer's ``norms_across_shards`` hook when one is set."""
     norms = torch._foreach_norm(tensors)
@@ -71,11 +72,11 @@ def _norms(optimizer, params: List[torch.Tensor], tensors: List[torch.Tensor]) -
     return norms
 
 
-def _concat_or_none(ratios: List[torch.Tensor]) -> Optional[torch.Tensor]:
+def _concat_or_none(ratios: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.cat(ratios) if ratios else None
 
 
-def _scales(lr: float, trust: Optional[torch.Tensor], count: int) -> List[float]:
+def _scales(lr: float, trust: torch.Tensor | None, count: int) -> list[float]:
     """``lr * trust`` per tensor as Python floats, for the per-tensor (CPU) loops.
 
     Reading the ratios back is free on the CPU, and a Python scalar can ride
@@ -95,14 +96,14 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
     # by device (see _uses_foreach); True or False forces the foreach or the
     # per-tensor one, which lets the tests run the accelerator's code path on
     # CPU tensors and compare the two.
-    _foreach: Optional[bool] = None
+    _foreach: bool | None = None
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
-        self.last_trust_ratios: Optional[torch.Tensor] = None
-        self.norms_across_shards: Optional[Callable] = None
+        self.last_trust_ratios: torch.Tensor | None = None
+        self.norms_across_shards: Callable | None = None
 
-    def _uses_foreach(self, params: List[torch.Tensor]) -> bool:
+    def _uses_foreach(self, params: list[torch.Tensor]) -> bool:
         """Whether to update ``params`` with ``torch._foreach_*`` kernels (on an
         accelerator, no host sync) rather than a per-tensor loop (on the CPU).
 
@@ -142,7 +143,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self.last_trust_ratios = _concat_or_none(adapted_ratios)
         return loss
 
-    def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
+    def _update_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]):
         raise NotImplementedError
 
 
@@ -222,7 +223,7 @@ class LARS(_LayerwiseOptimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
         epsilon: float = 0.0,
-        trust_clip: Optional[float] = None,
+        trust_clip: float | None = None,
         lars_adaptation: bool = True,
         nesterov: bool = False,
     ):
@@ -252,7 +253,7 @@ class LARS(_LayerwiseOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
+    def _update_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]):
         """Update one group's params in place; returns its trust ratios (None if not adapted)."""
         trust = None
         if group["lars_adaptation"]:
@@ -272,7 +273,7 @@ class LARS(_LayerwiseOptimizer):
             self._apply_per_tensor(group, params, grads, bufs, scales)
         return trust
 
-    def _momentum_buffers(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         bufs = []
         for p in params:
             state = self.state[p]
@@ -396,10 +397,10 @@ class LAMB(_LayerwiseOptimizer):
         self,
         params: Iterable,
         lr: float = required,
-        betas: Tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
-        trust_clip: Optional[float] = None,
+        trust_clip: float | None = None,
         lars_adaptation: bool = True,
     ):
         if lr is not required and lr < 0.0:
@@ -423,9 +424,9 @@ class LAMB(_LayerwiseOptimizer):
             lars_adaptation=lars_adaptation,
         )
         super().__init__(params, defaults)
-        self._update_buffers: Dict[torch.Tensor, torch.Tensor] = {}
+        self._update_buffers: dict[torch.Tensor, torch.Tensor] = {}
 
-    def _update_group(self, group: dict, params: List[torch.Tensor], grads: List[torch.Tensor]):
+    def _update_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]):
         """Update one group's params in place; returns its trust ratios (None if not adapted)."""
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -433,12 +434,8 @@ class LAMB(_LayerwiseOptimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format
-                )
-                state["exp_avg_sq"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format
-                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
@@ -450,9 +447,7 @@ class LAMB(_LayerwiseOptimizer):
         bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
         foreach = self._uses_foreach(params)
         compute_updates = self._updates_foreach if foreach else self._updates_per_tensor
-        updates = compute_updates(
-            group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt
-        )
+        updates = compute_updates(group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt)
 
         lr = group["lr"]
         trust = None
@@ -477,8 +472,7 @@ class LAMB(_LayerwiseOptimizer):
         return trust
 
     @staticmethod
-    def _updates_foreach(group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1,
-                         bias_correction2_sqrt):
+    def _updates_foreach(group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
         """Moments and :math:`u` with foreach kernels; :math:`u` in new tensors."""
         beta1, beta2 = group["betas"]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -494,8 +488,7 @@ class LAMB(_LayerwiseOptimizer):
             torch._foreach_add_(updates, params, alpha=group["weight_decay"])
         return updates
 
-    def _updates_per_tensor(self, group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1,
-                            bias_correction2_sqrt):
+    def _updates_per_tensor(self, group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
         r"""Moments and :math:`u`, one tensor at a time, into the kept update buffers.
 
         :math:`\hat m / (\sqrt{\hat v} + \epsilon)` is computed as
@@ -506,8 +499,7 @@ class LAMB(_LayerwiseOptimizer):
         beta1, beta2 = group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
         updates = []
-        for p, g, m, v, c1, c2 in zip(params, grads, exp_avgs, exp_avg_sqs, bias_correction1,
-                                      bias_correction2_sqrt):
+        for p, g, m, v, c1, c2 in zip(params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
             u = self._update_buffers.get(p)
             if u is None:
                 u = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -522,9 +514,7 @@ class LAMB(_LayerwiseOptimizer):
         return updates
 
 
-def param_groups(
-    model: torch.nn.Module, weight_decay: float, bn_bias_separately: bool
-) -> List[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, bn_bias_separately: bool) -> list[dict]:
     """Param groups with normalisation weights and biases optionally split off.
 
     Tensors with at most one dimension (BatchNorm/LayerNorm scales and shifts,
@@ -555,7 +545,7 @@ def create_optimizer_lars(
     bn_bias_separately: bool,
     epsilon: float,
     eta: float = 0.001,
-    trust_clip: Optional[float] = None,
+    trust_clip: float | None = None,
 ) -> LARS:
     """Build :class:`LARS` for ``model``'s trainable parameters.
 
@@ -581,8 +571,8 @@ def create_optimizer_lamb(
     weight_decay: float,
     bn_bias_separately: bool,
     epsilon: float = 1e-6,
-    betas: Tuple[float, float] = (0.9, 0.999),
-    trust_clip: Optional[float] = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    trust_clip: float | None = None,
 ) -> LAMB:
     """Build :class:`LAMB` for ``model``'s trainable parameters.
 

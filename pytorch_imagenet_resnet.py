@@ -1,7 +1,8 @@
 """Train a ResNet (or any torchvision classifier) on an ImageFolder tree with Horovod.
 
-    mpirun -np 4 python pytorch_imagenet_resnet.py --train-dir T --val-dir V --base-op lars
+mpirun -np 4 python pytorch_imagenet_resnet.py --train-dir T --val-dir V --base-op lars
 """
+
 import sys
 
 from largebatch.cli import main

@@ -42,9 +42,10 @@ Every rate is a closed-form function of the step index
 ``load_state_dict`` continues with exactly the same rates as an
 uninterrupted run.
 """
+
 import bisect
 import math
-from typing import Iterable, List
+from collections.abc import Iterable
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -85,7 +86,7 @@ class _WarmupScheduler(LRScheduler):
     def _decayed_lr(self, step: int, base_lr: float) -> float:
         raise NotImplementedError
 
-    def get_lr(self) -> List[float]:
+    def get_lr(self) -> list[float]:
         return [self._lr_at(self.last_epoch, base_lr) for base_lr in self.base_lrs]
 
     # LRScheduler.step(epoch) (deprecated) prefers this when present; every

@@ -23,6 +23,7 @@ prints the validation line, so its "validate" holds the checkpoint, and its "che
 is only the final report; the reference's torch.save is in its "exit". Writes
 bench/results/epoch.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from bench_train import environment, mpirun_command
 from machine import describe, load
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 4  # the example's torch.set_num_threads(4)
@@ -59,8 +59,9 @@ def timed_run(np_: int, script: Path, args: list, marks: dict[str, str]) -> dict
     mark's first line (or the launch) to the first line containing this one; "exit" to the end."""
     cmd = mpirun_command(np_, script, args)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=environment(THREADS), cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(THREADS), cwd=ROOT
+    )
     seen, lines = {}, []
     for line in proc.stdout:
         lines.append(line)
@@ -97,25 +98,70 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_images(data, args.images)
-        common = ["--train-dir", data / "train", "--val-dir", data / "val", "--model", args.model,
-                  "--image-size", args.image_size, "--batch-size", args.batch_size, "--val-batch-size", args.batch_size]
+        common = [
+            "--train-dir",
+            data / "train",
+            "--val-dir",
+            data / "val",
+            "--model",
+            args.model,
+            "--image-size",
+            args.image_size,
+            "--batch-size",
+            args.batch_size,
+            "--val-batch-size",
+            args.batch_size,
+        ]
 
         steps = args.images // (args.batch_size * args.np)
 
         def reference(run_dir: Path) -> dict:
-            return timed_run(args.np, ROOT / "bench" / "reference_epoch.py",
-                             [*common, "--log-dir", run_dir, "--threads", THREADS],
-                             {"start-up": "phase train", "train": "phase validate", "validate": "phase checkpoint"})
+            return timed_run(
+                args.np,
+                ROOT / "bench" / "reference_epoch.py",
+                [*common, "--log-dir", run_dir, "--threads", THREADS],
+                {"start-up": "phase train", "train": "phase validate", "validate": "phase checkpoint"},
+            )
 
         def job(engine: str, workers: int):
             def run(run_dir: Path) -> dict:
-                return timed_run(args.np, ROOT / "pytorch_imagenet_resnet.py",
-                                 [*common, "--log-dir", run_dir, "--epochs", 1, "--warmup-epochs", 0, "--base-op", "sgd",
-                                  "--no-bn-bias-separately", "--label-smoothing", 0, "--base-lr", 0.0125,
-                                  "--lr-scaling", "linear", "--wd", 5e-5, "--workers", workers,
-                                  "--progress", "lines", "--engine", engine],
-                                 {"start-up": "process(es),", "train": f"step {steps}/{steps}",
-                                  "validate": "epoch 1/1: val", "checkpoint": "finished:"})
+                return timed_run(
+                    args.np,
+                    ROOT / "pytorch_imagenet_resnet.py",
+                    [
+                        *common,
+                        "--log-dir",
+                        run_dir,
+                        "--epochs",
+                        1,
+                        "--warmup-epochs",
+                        0,
+                        "--base-op",
+                        "sgd",
+                        "--no-bn-bias-separately",
+                        "--label-smoothing",
+                        0,
+                        "--base-lr",
+                        0.0125,
+                        "--lr-scaling",
+                        "linear",
+                        "--wd",
+                        5e-5,
+                        "--workers",
+                        workers,
+                        "--progress",
+                        "lines",
+                        "--engine",
+                        engine,
+                    ],
+                    {
+                        "start-up": "process(es),",
+                        "train": f"step {steps}/{steps}",
+                        "validate": "epoch 1/1: val",
+                        "checkpoint": "finished:",
+                    },
+                )
+
             return run
 
         subjects = {"reference": reference}
@@ -125,35 +171,58 @@ def main(argv=None) -> int:
         names = list(subjects)
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
                     runs[name].append(subjects[name](Path(run_dir)))
-                print(f"round {r + 1}/{args.rounds} {name}: {sum(runs[name][-1].values()):.1f} s "
-                      f"{runs[name][-1]}", file=sys.stderr, flush=True)
+                print(
+                    f"round {r + 1}/{args.rounds} {name}: {sum(runs[name][-1].values()):.1f} s {runs[name][-1]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def median_phases(rows):
         return {k: round(statistics.median(row[k] for row in rows), 2) for k in rows[0]}
 
     totals = {name: [round(sum(row.values()), 2) for row in rows] for name, rows in runs.items()}
-    results = {name: {"seconds": totals[name], "median_seconds": round(statistics.median(totals[name]), 2),
-                      "median_phases": median_phases(runs[name]),
-                      "speed_vs_reference": round(statistics.median(
-                          [ref / own for ref, own in zip(totals["reference"], totals[name])]), 3)}
-               for name in names}
-    report = {"command": " ".join(["python bench/bench_epoch.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": {**machine, "load_average_at_end": load()},
-              "settings": {"processes": args.np, "model": args.model, "image_size": args.image_size,
-                           "batch_per_process": args.batch_size, "train_images": args.images,
-                           "threads_per_process": THREADS, "rounds": args.rounds, "steps": steps},
-              "results": results}
+    results = {
+        name: {
+            "seconds": totals[name],
+            "median_seconds": round(statistics.median(totals[name]), 2),
+            "median_phases": median_phases(runs[name]),
+            "speed_vs_reference": round(
+                statistics.median([ref / own for ref, own in zip(totals["reference"], totals[name])]), 3
+            ),
+        }
+        for name in names
+    }
+    report = {
+        "command": " ".join(["python bench/bench_epoch.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {**machine, "load_average_at_end": load()},
+        "settings": {
+            "processes": args.np,
+            "model": args.model,
+            "image_size": args.image_size,
+            "batch_per_process": args.batch_size,
+            "train_images": args.images,
+            "threads_per_process": THREADS,
+            "rounds": args.rounds,
+            "steps": steps,
+        },
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{args.model} at {args.image_size} px, {args.images} JPEGs, {args.np} processes, one epoch, "
-          f"whole-process wall time; median of {args.rounds} interleaved rounds.\n")
+    print(
+        f"{args.model} at {args.image_size} px, {args.images} JPEGs, {args.np} processes, one epoch, "
+        f"whole-process wall time; median of {args.rounds} interleaved rounds.\n"
+    )
     print("| subject | seconds | reference / this | phases (s) |\n| --- | ---: | ---: | --- |")
     for name, row in results.items():
-        print(f"| {name} | {row['median_seconds']:.1f} | {row['speed_vs_reference']:.3f} | "
-              + ", ".join(f"{k} {v:.1f}" for k, v in row["median_phases"].items()) + " |")
+        print(
+            f"| {name} | {row['median_seconds']:.1f} | {row['speed_vs_reference']:.3f} | "
+            + ", ".join(f"{k} {v:.1f}" for k, v in row["median_phases"].items())
+            + " |"
+        )
     return 0
 
 

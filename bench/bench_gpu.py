@@ -23,6 +23,7 @@ Published anchors printed beside the table:
 Without a CUDA GPU (and without --smoke) it prints why and exits 0, so ``make bench`` can
 call it anywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,22 +36,33 @@ from pathlib import Path
 
 import torch
 
-from largebatch.events import read_scalars_timed
-
 # Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
 # sys.path, so they import as top-level modules; largebatch and lars come from the install.
 from bench_train import launch
 from machine import describe, load
 
+from largebatch.events import read_scalars_timed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 GFLOP_PER_IMAGE = 24.6  # forward + backward of ResNet-50 at 224 px
-ANCHORS = [("NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5, 1x A100 80GB, AMP", 2470),
-           ("MLPerf Training, ResNet-50, H100 systems, per GPU", 7160)]
+ANCHORS = [
+    ("NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5, 1x A100 80GB, AMP", 2470),
+    ("MLPerf Training, ResNet-50, H100 systems, per GPU", 7160),
+]
 # Dense peaks in TFLOP/s: (fp16/bf16 tensor cores, TF32 tensor cores), from NVIDIA's data sheets.
-PEAKS = [("H100 PCIe", (756.0, 378.0)), ("H100 NVL", (835.0, 418.0)), ("H100", (989.4, 494.7)),
-         ("H200", (989.4, 494.7)), ("GH200", (989.4, 494.7)), ("B200", (2250.0, 1100.0)),
-         ("A100", (312.0, 156.0)), ("L40S", (362.0, 183.0)), ("A10", (125.0, 62.5)), ("V100", (125.0, 15.7))]
+PEAKS = [
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100 NVL", (835.0, 418.0)),
+    ("H100", (989.4, 494.7)),
+    ("H200", (989.4, 494.7)),
+    ("GH200", (989.4, 494.7)),
+    ("B200", (2250.0, 1100.0)),
+    ("A100", (312.0, 156.0)),
+    ("L40S", (362.0, 183.0)),
+    ("A10", (125.0, 62.5)),
+    ("V100", (125.0, 15.7)),
+]
 PRECISIONS = ["fp32", "amp", "amp-bf16"]
 PRINT_FREQ = 10
 
@@ -92,9 +104,32 @@ def make_folder(root: Path, distinct: int, train: int, classes: int = 10, seed: 
 
 
 def job_rate(args, precision: str, data: Path | None, scratch: Path) -> float:
-    common = ["--model", args.model, "--image-size", args.image_size, "--batch-size", args.batch_size,
-              "--val-batch-size", args.batch_size, "--epochs", 1, "--warmup-epochs", 0, "--base-op", "sgd",
-              "--bn-bias-separately", "--label-smoothing", 0, "--precision", precision, "--channels-last", "--print-freq", PRINT_FREQ, "--progress", "lines"]
+    common = [
+        "--model",
+        args.model,
+        "--image-size",
+        args.image_size,
+        "--batch-size",
+        args.batch_size,
+        "--val-batch-size",
+        args.batch_size,
+        "--epochs",
+        1,
+        "--warmup-epochs",
+        0,
+        "--base-op",
+        "sgd",
+        "--bn-bias-separately",
+        "--label-smoothing",
+        0,
+        "--precision",
+        precision,
+        "--channels-last",
+        "--print-freq",
+        PRINT_FREQ,
+        "--progress",
+        "lines",
+    ]
     with tempfile.TemporaryDirectory(dir=scratch) as run_dir:
         if data is None:
             script = ROOT / "pytorch_imagenet_resnet.py"
@@ -117,11 +152,18 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="OMP_NUM_THREADS")
     p.add_argument("--distinct-images", type=int, default=2048, help="distinct JPEGs behind the DALI rows")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense fp16/bf16 peak of this GPU (default: looked up by name; TF32 taken as half)")
-    p.add_argument("--smoke", action="store_true",
-                   help="on a CPU: resnet18, 32 px, a few steps, fp32 and amp-bf16, DALI on the CPU; "
-                        "checks that the script runs, the numbers mean nothing")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense fp16/bf16 peak of this GPU (default: looked up by name; TF32 taken as half)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="on a CPU: resnet18, 32 px, a few steps, fp32 and amp-bf16, DALI on the CPU; "
+        "checks that the script runs, the numbers mean nothing",
+    )
     p.add_argument("--out", type=Path, default=None, help="default bench/results/gpu.json (smoke: not written)")
     args = p.parse_args(argv)
     precisions = PRECISIONS
@@ -136,7 +178,7 @@ def main(argv=None) -> int:
         p.error(f"--steps and --warmup-steps must be multiples of {PRINT_FREQ}, warmup below steps")
     machine = describe()
     gpu = machine["gpu"]
-    peak16, peak32 = ((args.peak_tflops, args.peak_tflops / 2) if args.peak_tflops else peaks_for(gpu) or (None, None))
+    peak16, peak32 = (args.peak_tflops, args.peak_tflops / 2) if args.peak_tflops else peaks_for(gpu) or (None, None)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,44 +191,71 @@ def main(argv=None) -> int:
                 rates = []
                 for r in range(args.rounds):
                     rates.append(job_rate(args, precision, None if source == "synthetic" else data, tmp))
-                    print(f"{precision} {source} round {r + 1}/{args.rounds}: {rates[-1]:.1f} images/s", file=sys.stderr)
+                    print(
+                        f"{precision} {source} round {r + 1}/{args.rounds}: {rates[-1]:.1f} images/s", file=sys.stderr
+                    )
                 peak = peak32 if precision == "fp32" else peak16
                 limit = peak * 1000 / GFLOP_PER_IMAGE if peak else None
                 median = statistics.median(rates)
-                rows.append({"precision": precision, "input": source, "images_per_sec": round(median, 1),
-                             "rounds": [round(x, 1) for x in rates],
-                             "arithmetic_limit": round(limit) if limit else None,
-                             "fraction_of_limit": round(median / limit, 3) if limit else None,
-                             "vs_nvidia_a100_amp": round(median / ANCHORS[0][1], 3),
-                             "vs_mlperf_h100": round(median / ANCHORS[1][1], 3)})
+                rows.append(
+                    {
+                        "precision": precision,
+                        "input": source,
+                        "images_per_sec": round(median, 1),
+                        "rounds": [round(x, 1) for x in rates],
+                        "arithmetic_limit": round(limit) if limit else None,
+                        "fraction_of_limit": round(median / limit, 3) if limit else None,
+                        "vs_nvidia_a100_amp": round(median / ANCHORS[0][1], 3),
+                        "vs_mlperf_h100": round(median / ANCHORS[1][1], 3),
+                    }
+                )
 
-    report = {"command": " ".join(["python bench/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": {**machine, "load_average_at_end": load()},
-              "settings": {"model": args.model, "image_size": args.image_size, "batch": args.batch_size,
-                           "channels_last": True, "processes": 1, "steps": args.steps,
-                           "measured_steps": args.steps - args.warmup_steps, "rounds": args.rounds,
-                           "peak_tflops_fp16_bf16": peak16, "peak_tflops_tf32": peak32,
-                           "gflop_per_training_image": GFLOP_PER_IMAGE, "smoke": args.smoke},
-              "anchors": [{"source": s, "images_per_sec": v} for s, v in ANCHORS],
-              "results": rows}
+    report = {
+        "command": " ".join(["python bench/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {**machine, "load_average_at_end": load()},
+        "settings": {
+            "model": args.model,
+            "image_size": args.image_size,
+            "batch": args.batch_size,
+            "channels_last": True,
+            "processes": 1,
+            "steps": args.steps,
+            "measured_steps": args.steps - args.warmup_steps,
+            "rounds": args.rounds,
+            "peak_tflops_fp16_bf16": peak16,
+            "peak_tflops_tf32": peak32,
+            "gflop_per_training_image": GFLOP_PER_IMAGE,
+            "smoke": args.smoke,
+        },
+        "anchors": [{"source": s, "images_per_sec": v} for s, v in ANCHORS],
+        "results": rows,
+    }
     out = args.out or (None if args.smoke else ROOT / "bench" / "results" / "gpu.json")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{args.model} training on {gpu or 'CPU (smoke test)'}, {args.image_size} px, batch {args.batch_size}, "
-          f"channels-last, 1 process; median of {args.rounds} run(s)")
+    print(
+        f"{args.model} training on {gpu or 'CPU (smoke test)'}, {args.image_size} px, batch {args.batch_size}, "
+        f"channels-last, 1 process; median of {args.rounds} run(s)"
+    )
     print()
-    print("| precision | input | images/s | arithmetic limit | of the limit | vs NVIDIA A100 AMP (2,470) "
-          "| vs MLPerf H100 (7,160) |")
+    print(
+        "| precision | input | images/s | arithmetic limit | of the limit | vs NVIDIA A100 AMP (2,470) "
+        "| vs MLPerf H100 (7,160) |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         limit = f"{row['arithmetic_limit']:,}" if row["arithmetic_limit"] else "-"
         share = f"{100 * row['fraction_of_limit']:.1f}%" if row["fraction_of_limit"] else "-"
-        print(f"| {row['precision']} | {row['input']} | {row['images_per_sec']:,.1f} | {limit} | {share} "
-              f"| {row['vs_nvidia_a100_amp']:.2f}x | {row['vs_mlperf_h100']:.2f}x |")
+        print(
+            f"| {row['precision']} | {row['input']} | {row['images_per_sec']:,.1f} | {limit} | {share} "
+            f"| {row['vs_nvidia_a100_amp']:.2f}x | {row['vs_mlperf_h100']:.2f}x |"
+        )
     print()
-    print(f"arithmetic limit: dense peak ({peak16 or '?'} TFLOP/s fp16/bf16, {peak32 or '?'} TF32) "
-          f"x 1e12 / {GFLOP_PER_IMAGE}e9 FLOP per image")
+    print(
+        f"arithmetic limit: dense peak ({peak16 or '?'} TFLOP/s fp16/bf16, {peak32 or '?'} TF32) "
+        f"x 1e12 / {GFLOP_PER_IMAGE}e9 FLOP per image"
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ first batch on (pipeline start-up left out: ImageNet epochs are long); the table
 row's median over the rounds and its ratio to torchvision's median. Writes
 bench/results/input.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,24 +84,52 @@ def main(argv=None) -> int:
         images, records = Path(tmp) / "images", Path(tmp) / "records"
         make_images(images, args.images, BATCH)
         convert(images, records, shard_size=256, workers=args.workers)
-        common = ["--image-size", "224", "--batch-size", str(BATCH), "--val-batch-size", str(BATCH),
-                  "--model", "resnet50"]
+        common = [
+            "--image-size",
+            "224",
+            "--batch-size",
+            str(BATCH),
+            "--val-batch-size",
+            str(BATCH),
+            "--model",
+            "resnet50",
+        ]
         dali = ["--dali-threads", str(args.workers), *common]
         cpu = torch.device("cpu")
         rows = {
-            "torchvision DataLoader (folder)": FolderInput(parse_config(
-                ["--train-dir", str(images / "train"), "--val-dir", str(images / "val"),
-                 "--workers", str(args.workers), *common]), 0, 1, cpu),
-            "DALI CPU (folder)": DaliInput(parse_config(
-                ["--data-dir", str(images), "--data-format", "folder", "--dali-device", "cpu", *dali], "dali"),
-                0, 1, cpu),
-            "DALI CPU (TFRecord)": DaliInput(parse_config(
-                ["--data-dir", str(records), "--dali-device", "cpu", *dali], "dali"), 0, 1, cpu),
+            "torchvision DataLoader (folder)": FolderInput(
+                parse_config(
+                    [
+                        "--train-dir",
+                        str(images / "train"),
+                        "--val-dir",
+                        str(images / "val"),
+                        "--workers",
+                        str(args.workers),
+                        *common,
+                    ]
+                ),
+                0,
+                1,
+                cpu,
+            ),
+            "DALI CPU (folder)": DaliInput(
+                parse_config(
+                    ["--data-dir", str(images), "--data-format", "folder", "--dali-device", "cpu", *dali], "dali"
+                ),
+                0,
+                1,
+                cpu,
+            ),
+            "DALI CPU (TFRecord)": DaliInput(
+                parse_config(["--data-dir", str(records), "--dali-device", "cpu", *dali], "dali"), 0, 1, cpu
+            ),
         }
         if torch.cuda.is_available():
             gpu = torch.device("cuda", 0)
-            rows["DALI GPU (TFRecord)"] = DaliInput(parse_config(
-                ["--data-dir", str(records), "--dali-device", "gpu", *dali], "dali"), 0, 1, gpu)
+            rows["DALI GPU (TFRecord)"] = DaliInput(
+                parse_config(["--data-dir", str(records), "--dali-device", "gpu", *dali], "dali"), 0, 1, gpu
+            )
         rates: dict[str, list[float]] = {name: [] for name in rows}
         for r in range(args.rounds):
             for name, data in rows.items():
@@ -108,16 +137,32 @@ def main(argv=None) -> int:
                 print(f"round {r + 1}/{args.rounds} {name}: {rates[name][-1]:.1f} images/s", file=sys.stderr)
 
     baseline = statistics.median(rates["torchvision DataLoader (folder)"])
-    results = [{"pipeline": name, "images_per_s": round(statistics.median(v), 1),
-                "ratio_vs_torchvision": round(statistics.median(v) / baseline, 2),
-                "rounds": [round(x, 1) for x in v]} for name, v in rates.items()]
-    report = {"command": "python bench/bench_input.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "settings": {"train_images": args.images, "batch": BATCH, "crop": 224,
-                           "workers_or_threads": args.workers, "rounds": args.rounds,
-                           "rate": "training epoch, from the first batch on; median over rounds"},
-              "results": results}
+    results = [
+        {
+            "pipeline": name,
+            "images_per_s": round(statistics.median(v), 1),
+            "ratio_vs_torchvision": round(statistics.median(v) / baseline, 2),
+            "rounds": [round(x, 1) for x in v],
+        }
+        for name, v in rates.items()
+    ]
+    report = {
+        "command": "python bench/bench_input.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "settings": {
+            "train_images": args.images,
+            "batch": BATCH,
+            "crop": 224,
+            "workers_or_threads": args.workers,
+            "rounds": args.rounds,
+            "rate": "training epoch, from the first batch on; median over rounds",
+        },
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"| pipeline ({args.workers} workers/threads, batch {BATCH}, 224 px) | images/s | vs torchvision |")

@@ -19,6 +19,7 @@ back to back, in an order rotated from round to round (on a GPU with a synchroni
 before and after); the ratio to SGD is taken within each round, the table gives medians
 over the rounds. Writes bench/results/optimizer.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-import lars
-
 # Siblings in bench/: `python bench/<script>.py` puts the script's own directory first on
 # sys.path, so they import as top-level modules; largebatch and lars come from the install.
 from machine import describe, load
+
+import lars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,10 @@ class PerTensorLARS(torch.optim.Optimizer):
     decided on the host. Same update as lars.LARS (lr and trust inside the momentum)."""
 
     def __init__(self, params, lr, momentum, weight_decay, eta, epsilon):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      epsilon=epsilon, lars_adaptation=True))
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, epsilon=epsilon, lars_adaptation=True),
+        )
 
     @torch.no_grad()
     def step(self):
@@ -75,8 +78,10 @@ class PerTensorLARS(torch.optim.Optimizer):
 def groups(model: torch.nn.Module) -> list[dict]:
     """The job's grouping: weights decay and adapt; normalisation weights and biases do neither."""
     params = list(model.parameters())
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_adaptation": False}]
+    return [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_adaptation": False},
+    ]
 
 
 def build(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -84,8 +89,9 @@ def build(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         sgd_groups = [{k: v for k, v in g.items() if k != "lars_adaptation"} for g in groups(model)]
         return torch.optim.SGD(sgd_groups, lr=LR, momentum=MOMENTUM, weight_decay=WD, foreach=True)
     if name == "LARS (lars.py)":
-        return lars.create_optimizer_lars(model, lr=LR, momentum=MOMENTUM, weight_decay=WD,
-                                          bn_bias_separately=True, epsilon=EPS, eta=ETA)
+        return lars.create_optimizer_lars(
+            model, lr=LR, momentum=MOMENTUM, weight_decay=WD, bn_bias_separately=True, epsilon=EPS, eta=ETA
+        )
     if name == "LARS (per-tensor, host sync)":
         return PerTensorLARS(groups(model), lr=LR, momentum=MOMENTUM, weight_decay=WD, eta=ETA, epsilon=EPS)
     if name == "LAMB (lars.py)":
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
 
     ms: dict[str, list[float]] = {name: [] for name in NAMES}
     for r in range(args.rounds):
-        for name in NAMES[r % len(NAMES):] + NAMES[:r % len(NAMES)]:
+        for name in NAMES[r % len(NAMES) :] + NAMES[: r % len(NAMES)]:
             sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
@@ -163,31 +169,50 @@ def main(argv=None) -> int:
     rows = []
     for name in NAMES:
         per_round = [x / b for x, b in zip(ms[name], ms[base])]
-        rows.append({"optimizer": name, "ms_per_step": round(statistics.median(ms[name]), 3),
-                     "vs_sgd": round(statistics.median(per_round), 3), "ms_per_round": [round(x, 3) for x in ms[name]],
-                     "vs_sgd_per_round": [round(x, 3) for x in per_round]})
+        rows.append(
+            {
+                "optimizer": name,
+                "ms_per_step": round(statistics.median(ms[name]), 3),
+                "vs_sgd": round(statistics.median(per_round), 3),
+                "ms_per_round": [round(x, 3) for x in ms[name]],
+                "vs_sgd_per_round": [round(x, 3) for x in per_round],
+            }
+        )
     naive = "LARS (per-tensor, host sync)"
     speedup = statistics.median(n / f for n, f in zip(ms[naive], ms["LARS (lars.py)"]))
-    report = {"command": " ".join(["python bench/bench_optimizer.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": {**machine, "load_average_at_end": load()},
-              "settings": {"model": args.model, "parameters": n_params, "tensors": n_tensors, "device": str(device),
-                           "threads": args.threads if device.type == "cpu" else None, "rounds": args.rounds,
-                           "steps_per_round": args.steps},
-              "per_tensor_lars_matches_lars": same, "lars_speedup_over_per_tensor": round(speedup, 3),
-              "results": rows}
+    report = {
+        "command": " ".join(["python bench/bench_optimizer.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {**machine, "load_average_at_end": load()},
+        "settings": {
+            "model": args.model,
+            "parameters": n_params,
+            "tensors": n_tensors,
+            "device": str(device),
+            "threads": args.threads if device.type == "cpu" else None,
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+        },
+        "per_tensor_lars_matches_lars": same,
+        "lars_speedup_over_per_tensor": round(speedup, 3),
+        "results": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"Optimizer step over {args.model}'s {n_params / 1e6:.1f}M parameters ({n_tensors} tensors) on {device}"
-          + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
-          + f"; median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print(
+        f"Optimizer step over {args.model}'s {n_params / 1e6:.1f}M parameters ({n_tensors} tensors) on {device}"
+        + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
+        + f"; median of {args.rounds} interleaved rounds of {args.steps} steps"
+    )
     print()
     print("| optimizer | ms per step | vs SGD (foreach) |")
     print("| --- | ---: | ---: |")
     for row in rows:
         print(f"| {row['optimizer']} | {row['ms_per_step']:.2f} | {row['vs_sgd']:.2f}x |")
     print()
-    print(f"LARS (lars.py) is {speedup:.2f}x as fast as the per-tensor loop; "
-          f"the two give the same weights: {'yes' if same else 'NO'}")
+    print(
+        f"LARS (lars.py) is {speedup:.2f}x as fast as the per-tensor loop; "
+        f"the two give the same weights: {'yes' if same else 'NO'}"
+    )
     return 0 if same else 1
 
 

@@ -23,6 +23,7 @@ are against the dense run with the same class count, measured in this run. A con
 that would not fit in the memory available at the time is skipped and says so.
 Writes bench/results/parallel.json and prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,6 +67,7 @@ def estimate_bytes(classes: int, features: int, batch: int, np: int) -> int:
 
 # --- one configuration, in its own process(es) ---------------------------------------------
 
+
 def worker(args) -> None:
     import torch
     from torch import nn
@@ -77,6 +79,7 @@ def worker(args) -> None:
         dist, rank, size = None, 0, 1
     else:
         from largebatch.engines import init_engine
+
         dist = init_engine()
         rank, size = dist.rank, dist.size
     g = torch.Generator().manual_seed(rank)
@@ -88,8 +91,11 @@ def worker(args) -> None:
         if dist is None:
             return nn.Linear(args.features, classes), nn.CrossEntropyLoss()
         from largebatch.parallel import ParallelCrossEntropyLoss, ParallelLinear
-        return (ParallelLinear(args.features, classes, int(args.layout[-1]), dist),
-                ParallelCrossEntropyLoss(classes, dist))
+
+        return (
+            ParallelLinear(args.features, classes, int(args.layout[-1]), dist),
+            ParallelCrossEntropyLoss(classes, dist),
+        )
 
     # A step of a tiny copy first, so that start-up holds what any first step allocates
     # (kernel libraries, thread pools, Horovod's fusion buffer, the modules torch.optim
@@ -118,8 +124,14 @@ def worker(args) -> None:
         optimizer.step()
         if step:  # the first step is a warm-up
             times.append(time.perf_counter() - start)
-    mine = {"rank": rank, "peak_rss": _status_kib("VmHWM") * 1024, "startup_rss": startup,
-            "param_bytes": param_bytes, "step_s": statistics.median(times), "loss": loss.item()}
+    mine = {
+        "rank": rank,
+        "peak_rss": _status_kib("VmHWM") * 1024,
+        "startup_rss": startup,
+        "param_bytes": param_bytes,
+        "step_s": statistics.median(times),
+        "loss": loss.item(),
+    }
     everyone = dist.allgather_object(mine, name="bench") if dist is not None else [mine]
     if rank == 0:
         print("RESULT " + json.dumps(everyone), flush=True)
@@ -130,11 +142,24 @@ def run_config(args, layout: str, classes: int) -> dict:
     threads = max(1, (os.cpu_count() or 1) // np)
     # Small layers step fast, and on a shared machine a few steps are mostly noise.
     steps = min(20, args.steps * max(1, 1_000_000 // classes))
-    cmd = [sys.executable, __file__, "--worker", "--layout", layout, "--classes", str(classes),
-           "--features", str(args.features), "--batch", str(args.batch), "--steps", str(steps),
-           "--threads", str(threads)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--layout",
+        layout,
+        "--classes",
+        str(classes),
+        "--features",
+        str(args.features),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     if np > 1:
         mpirun = str(Path(sys.executable).with_name("mpirun"))
         cmd = [mpirun, "-np", str(np), "--oversubscribe", "-x", "OMP_NUM_THREADS", *cmd]
@@ -144,25 +169,29 @@ def run_config(args, layout: str, classes: int) -> dict:
         row["skipped"] = f"needs about {need / GIB:.1f} GiB, {have / GIB:.1f} GiB available now"
         return row
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         row["skipped"] = f"failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
         return row
-    ranks = json.loads(lines[-1][len("RESULT "):])
-    row.update({
-        "param_mib_per_process": max(r["param_bytes"] for r in ranks) / MIB,
-        "peak_rss_mib_per_process": max(r["peak_rss"] for r in ranks) / MIB,
-        "classifier_mib_per_process": max(r["peak_rss"] - r["startup_rss"] for r in ranks) / MIB,
-        "step_ms": max(r["step_s"] for r in ranks) * 1000,
-        "loss": ranks[0]["loss"],
-    })
+    ranks = json.loads(lines[-1][len("RESULT ") :])
+    row.update(
+        {
+            "param_mib_per_process": max(r["param_bytes"] for r in ranks) / MIB,
+            "peak_rss_mib_per_process": max(r["peak_rss"] for r in ranks) / MIB,
+            "classifier_mib_per_process": max(r["peak_rss"] - r["startup_rss"] for r in ranks) / MIB,
+            "step_ms": max(r["step_s"] for r in ranks) * 1000,
+            "loss": ranks[0]["loss"],
+        }
+    )
     return row
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| classes | classifier | processes | weights / process | peak RSS / process | classifier memory / process "
-           "| vs dense | step time | vs dense |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| classes | classifier | processes | weights / process | peak RSS / process | classifier memory / process "
+        "| vs dense | step time | vs dense |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     names = {"dense": "dense", "dim1": "sharded by class (dim 1)", "dim0": "sharded by feature (dim 0)"}
     for row in rows:
         head = f"| {row['classes']:,} | {names[row['layout']]} | {row['processes']} "
@@ -171,9 +200,11 @@ def table(rows: list[dict]) -> str:
             continue
         mem_ratio = row.get("classifier_memory_vs_dense")
         time_ratio = row.get("step_time_vs_dense")
-        out.append(head + f"| {row['param_mib_per_process']:,.0f} MiB | {row['peak_rss_mib_per_process']:,.0f} MiB "
-                   f"| {row['classifier_mib_per_process']:,.0f} MiB | {f'{mem_ratio:.2f}' if mem_ratio else '-'} "
-                   f"| {row['step_ms']:,.1f} ms | {f'{time_ratio:.2f}' if time_ratio else '-'} |")
+        out.append(
+            head + f"| {row['param_mib_per_process']:,.0f} MiB | {row['peak_rss_mib_per_process']:,.0f} MiB "
+            f"| {row['classifier_mib_per_process']:,.0f} MiB | {f'{mem_ratio:.2f}' if mem_ratio else '-'} "
+            f"| {row['step_ms']:,.1f} ms | {f'{time_ratio:.2f}' if time_ratio else '-'} |"
+        )
     return "\n".join(out)
 
 
@@ -183,12 +214,19 @@ def main(argv=None) -> int:
     p.add_argument("--np", type=int, default=2, help="processes of the sharded runs")
     p.add_argument("--features", type=int, default=2048, help="input features (ResNet-50: 2048)")
     p.add_argument("--batch", type=int, default=32, help="global batch")
-    p.add_argument("--steps", type=int, default=3,
-                   help="timed steps after one warm-up step at 1M classes (more, up to 20, for fewer classes)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed steps after one warm-up step at 1M classes (more, up to 20, for fewer classes)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="runs of every configuration; step time: median over them")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "parallel.json")
-    p.add_argument("--merge", action="store_true",
-                   help="keep --out's rows of other class counts (this run's replace those of its own)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep --out's rows of other class counts (this run's replace those of its own)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout", choices=["dense", "dim1", "dim0"], help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -212,14 +250,17 @@ def main(argv=None) -> int:
             if not done:
                 rows.append(results[-1])
                 continue
-            row = {**max(done, key=lambda r: r["peak_rss_mib_per_process"]),
-                   "step_ms_rounds": [r["step_ms"] for r in done],
-                   "step_ms": statistics.median(r["step_ms"] for r in done)}
+            row = {
+                **max(done, key=lambda r: r["peak_rss_mib_per_process"]),
+                "step_ms_rounds": [r["step_ms"] for r in done],
+                "step_ms": statistics.median(r["step_ms"] for r in done),
+            }
             if layout == "dense":
                 dense = row
             elif dense is not None:
-                row["classifier_memory_vs_dense"] = (row["classifier_mib_per_process"]
-                                                     / dense["classifier_mib_per_process"])
+                row["classifier_memory_vs_dense"] = (
+                    row["classifier_mib_per_process"] / dense["classifier_mib_per_process"]
+                )
                 row["peak_rss_vs_dense"] = row["peak_rss_mib_per_process"] / dense["peak_rss_mib_per_process"]
                 row["step_time_vs_dense"] = row["step_ms"] / dense["step_ms"]
             rows.append(row)
@@ -232,19 +273,31 @@ def main(argv=None) -> int:
         # Ratios stay within one run: every class count brings its own dense baseline.
         old = json.loads(args.out.read_text())
         mine = {row["classes"] for row in rows}
-        rows = sorted([r for r in old["results"] if r["classes"] not in mine] + rows,
-                      key=lambda r: (r["classes"], ["dense", "dim1", "dim0"].index(r["layout"])))
+        rows = sorted(
+            [r for r in old["results"] if r["classes"] not in mine] + rows,
+            key=lambda r: (r["classes"], ["dense", "dim1", "dim0"].index(r["layout"])),
+        )
         commands = [c for c in old.get("commands", [old.get("command")]) if c and c != command] + commands
-    report = {"commands": commands,
-              "machine": {"cpus": os.cpu_count(),
-                          "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB, 1),
-                          "platform": platform.platform(), "gpu": None},
-              "settings": {"features": args.features, "global_batch": args.batch, "sharded_processes": args.np,
-                           "optimizer": "SGD without momentum", "timed_steps": "see each row",
-                           "memory": "VmHWM per process; classifier memory = VmHWM - VmRSS after start-up",
-                           "step_time": "median over timed steps, slowest rank; then median over rounds",
-                           "rounds": args.rounds},
-              "results": rows}
+    report = {
+        "commands": commands,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB, 1),
+            "platform": platform.platform(),
+            "gpu": None,
+        },
+        "settings": {
+            "features": args.features,
+            "global_batch": args.batch,
+            "sharded_processes": args.np,
+            "optimizer": "SGD without momentum",
+            "timed_steps": "see each row",
+            "memory": "VmHWM per process; classifier memory = VmHWM - VmRSS after start-up",
+            "step_time": "median over timed steps, slowest rank; then median over rounds",
+            "rounds": args.rounds,
+        },
+        "results": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print()

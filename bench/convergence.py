@@ -36,6 +36,7 @@ Report: mean, standard deviation and 95% confidence interval (t) per point; Welc
 each point against SGD at the small batch (same budget); the largest batch each optimizer holds
 within one point. bench/results/convergence.{json,md,png}; the runs stay in runs/convergence/.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,28 +61,58 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = 8
 MULTIPLES = (1, 4, 16, 32, 64)
 OPTIMIZERS = ("sgd", "lars", "lamb")
-EPOCHS = 10                        # the same-epochs budget
-STEPS = 1536 // SMALL              # the same-steps budget: one epoch of the small batch
+EPOCHS = 10  # the same-epochs budget
+STEPS = 1536 // SMALL  # the same-steps budget: one epoch of the small batch
 SEEDS = (1, 2, 3, 4, 5)
 SWEEP_SEED = 100
-BASE_LR = {"sgd": 0.05, "lars": 1.0, "lamb": 0.01}     # the sweep's centre at 1x
-RULE = {"sgd": 1.0, "lars": 0.5, "lamb": 0.5}            # centre at kx: BASE_LR * k ** RULE
-WARMUP, LONG_WARMUP = 0.1, 0.3                          # fractions of the run's epochs
-MAX_WIDEN = 2                                           # rates added beyond the first grid's edges
+BASE_LR = {"sgd": 0.05, "lars": 1.0, "lamb": 0.01}  # the sweep's centre at 1x
+RULE = {"sgd": 1.0, "lars": 0.5, "lamb": 0.5}  # centre at kx: BASE_LR * k ** RULE
+WARMUP, LONG_WARMUP = 0.1, 0.3  # fractions of the run's epochs
+MAX_WIDEN = 2  # rates added beyond the first grid's edges
 CHECK_ACCUMULATION = (16, 64)
 CHECK_ENGINES = 16
-COMMON = ["--model", "cifar_resnet8", "--image-size", "16", "--val-resize", "16", "--crop-scale", "0.5,1",
-          "--val-batch-size", "512", "--lr-schedule", "poly", "--lr-power", "2", "--momentum", "0.9",
-          "--wd", "5e-5", "--lars-eta", "0.001", "--bn-bias-separately", "--label-smoothing", "0.1",
-          "--lr-scaling", "keep", "--workers", "0", "--progress", "lines", "--keep-checkpoints", "1",
-          "--resume", "none"]
+COMMON = [
+    "--model",
+    "cifar_resnet8",
+    "--image-size",
+    "16",
+    "--val-resize",
+    "16",
+    "--crop-scale",
+    "0.5,1",
+    "--val-batch-size",
+    "512",
+    "--lr-schedule",
+    "poly",
+    "--lr-power",
+    "2",
+    "--momentum",
+    "0.9",
+    "--wd",
+    "5e-5",
+    "--lars-eta",
+    "0.001",
+    "--bn-bias-separately",
+    "--label-smoothing",
+    "0.1",
+    "--lr-scaling",
+    "keep",
+    "--workers",
+    "0",
+    "--progress",
+    "lines",
+    "--keep-checkpoints",
+    "1",
+    "--resume",
+    "none",
+]
 
 
 @dataclass(frozen=True)
 class Point:
-    budget: str        # "epochs" or "steps"
+    budget: str  # "epochs" or "steps"
     op: str
-    k: int             # global batch = SMALL * k
+    k: int  # global batch = SMALL * k
 
     @property
     def batch(self) -> int:
@@ -100,9 +131,9 @@ class Point:
 class Run:
     point: Point
     lr: float
-    warmup: float      # fraction of the epochs
+    warmup: float  # fraction of the epochs
     seed: int
-    data: str          # "study" or "sweep"
+    data: str  # "study" or "sweep"
     np: int = 1
     engine: str = "torch"
     accumulate: int = 1
@@ -110,21 +141,45 @@ class Run:
     @property
     def dir(self) -> str:
         extra = (f"-accumulate{self.accumulate}" if self.accumulate > 1 else "") + (
-            f"-{self.engine}-np{self.np}" if (self.engine, self.np) != ("torch", 1) else "")
+            f"-{self.engine}-np{self.np}" if (self.engine, self.np) != ("torch", 1) else ""
+        )
         if self.data == "sweep":
             return f"sweep/{self.point.name}/lr{self.lr:g}-warmup{self.warmup:g}"
         return f"{self.data}/{self.point.name}{extra}/seed{self.seed}"
 
     def argv(self, data: Path, runs: Path) -> list[str]:
-        train, val = (data / "sweep-train", data / "sweep-holdout") if self.data == "sweep" else \
-            (data / "train", data / "val")
+        train, val = (
+            (data / "sweep-train", data / "sweep-holdout") if self.data == "sweep" else (data / "train", data / "val")
+        )
         per_rank = self.point.batch // self.accumulate // self.np
         steps_per_epoch = 1536 // self.point.batch
-        return ["--train-dir", str(train), "--val-dir", str(val), "--log-dir", str(runs / self.dir), *COMMON,
-                "--engine", self.engine, "--base-op", self.point.op, "--base-lr", f"{self.lr:g}",
-                "--batch-size", str(per_rank), "--batches-per-allreduce", str(self.accumulate),
-                "--epochs", str(self.point.epochs), "--warmup-epochs", f"{self.warmup * self.point.epochs:g}",
-                "--seed", str(self.seed), "--print-freq", str(max(1, steps_per_epoch * self.point.epochs // 4))]
+        return [
+            "--train-dir",
+            str(train),
+            "--val-dir",
+            str(val),
+            "--log-dir",
+            str(runs / self.dir),
+            *COMMON,
+            "--engine",
+            self.engine,
+            "--base-op",
+            self.point.op,
+            "--base-lr",
+            f"{self.lr:g}",
+            "--batch-size",
+            str(per_rank),
+            "--batches-per-allreduce",
+            str(self.accumulate),
+            "--epochs",
+            str(self.point.epochs),
+            "--warmup-epochs",
+            f"{self.warmup * self.point.epochs:g}",
+            "--seed",
+            str(self.seed),
+            "--print-freq",
+            str(max(1, steps_per_epoch * self.point.epochs // 4)),
+        ]
 
 
 def points() -> list[Point]:
@@ -133,9 +188,11 @@ def points() -> list[Point]:
 
 # --- data ------------------------------------------------------------------------------------
 
+
 def write_data(data: Path) -> None:
     """train/ and val/ (the study), and sweep-train/ and sweep-holdout/: links into train/."""
     from largebatch.data.digits import write_digits
+
     if not (data / "train").is_dir():
         n_train, _ = write_digits(data, size=16, val_fraction=261 / 1797, seed=0)
         assert n_train == 1536, n_train
@@ -150,12 +207,14 @@ def write_data(data: Path) -> None:
 
 # --- running ---------------------------------------------------------------------------------
 
+
 def _child(argv: list[str], log: str) -> None:
     """A forked process: the job, as pytorch_imagenet_resnet.py runs it, its output in ``log``."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     from largebatch.cli import main
+
     code = 1
     try:
         code = main("folder", argv)
@@ -180,8 +239,17 @@ def launch(run: Run, data: Path, runs: Path) -> int:
         return process.exitcode
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     mpirun = str(Path(sys.executable).with_name("mpirun"))
-    cmd = [mpirun, "-np", str(run.np), "--oversubscribe", "-x", "OMP_NUM_THREADS",
-           sys.executable, str(ROOT / "pytorch_imagenet_resnet.py"), *argv]
+    cmd = [
+        mpirun,
+        "-np",
+        str(run.np),
+        "--oversubscribe",
+        "-x",
+        "OMP_NUM_THREADS",
+        sys.executable,
+        str(ROOT / "pytorch_imagenet_resnet.py"),
+        *argv,
+    ]
     with open(log, "w") as f:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
 
@@ -189,6 +257,7 @@ def launch(run: Run, data: Path, runs: Path) -> int:
 def result(run: Run, runs: Path) -> dict | None:
     """Final validation (held-out, in the sweep) top-1 and loss; None when the run is not finished."""
     from largebatch.report import load_run
+
     out = runs / run.dir
     status = out / "status.json"
     if not status.is_file():
@@ -199,8 +268,12 @@ def result(run: Run, runs: Path) -> dict | None:
     r = load_run(out)
     top1, loss = r.last("val/top1"), r.last("val/loss")
     diverged = state == "failed" or top1 is None or not math.isfinite(loss or math.nan)
-    return {"top1": 100.0 / 10 if diverged else top1, "loss": None if diverged else loss,
-            "diverged": diverged, "seconds": round(r.seconds, 1)}
+    return {
+        "top1": 100.0 / 10 if diverged else top1,
+        "loss": None if diverged else loss,
+        "diverged": diverged,
+        "seconds": round(r.seconds, 1),
+    }
 
 
 def run_all(plan: list[Run], data: Path, runs: Path, parallel: int) -> dict[Run, dict]:
@@ -216,8 +289,11 @@ def run_all(plan: list[Run], data: Path, runs: Path, parallel: int) -> dict[Run,
             raise SystemExit(f"run failed ({code}): see {runs / run.dir / 'job.log'}")
         done += 1
         r = result(run, runs)
-        print(f"[{done}/{len(todo)}] {run.dir}: top-1 {r['top1']:.2f}{' (diverged)' if r['diverged'] else ''} "
-              f"({r['seconds']:.0f} s)", flush=True)
+        print(
+            f"[{done}/{len(todo)}] {run.dir}: top-1 {r['top1']:.2f}{' (diverged)' if r['diverged'] else ''} "
+            f"({r['seconds']:.0f} s)",
+            flush=True,
+        )
 
     singles, multi = [r for r in todo if r.np == 1], [r for r in todo if r.np > 1]
     with ThreadPoolExecutor(parallel) as pool:
@@ -228,6 +304,7 @@ def run_all(plan: list[Run], data: Path, runs: Path, parallel: int) -> dict[Run,
 
 
 # --- sweep -----------------------------------------------------------------------------------
+
 
 def _lr(x: float) -> float:
     return float(f"{x:.4g}")
@@ -242,8 +319,9 @@ def sweep(data: Path, runs: Path, parallel: int) -> dict[Point, dict]:
     grids = {p: [_lr(BASE_LR[p.op] * p.k ** RULE[p.op] * f) for f in (0.5, 1, 2)] for p in points()}
     widened = dict.fromkeys(grids, 0)
     while True:
-        tried = run_all([Run(p, lr, WARMUP, SWEEP_SEED, "sweep") for p, lrs in grids.items() for lr in lrs],
-                        data, runs, parallel)
+        tried = run_all(
+            [Run(p, lr, WARMUP, SWEEP_SEED, "sweep") for p, lrs in grids.items() for lr in lrs], data, runs, parallel
+        )
         wider = False
         for p, lrs in grids.items():
             best = max(lrs, key=lambda lr: _score(tried[Run(p, lr, WARMUP, SWEEP_SEED, "sweep")]))
@@ -253,17 +331,24 @@ def sweep(data: Path, runs: Path, parallel: int) -> dict[Point, dict]:
                 wider = True
         if not wider:
             break
-    best_lr = {p: max(lrs, key=lambda lr: _score(tried[Run(p, lr, WARMUP, SWEEP_SEED, "sweep")]))
-               for p, lrs in grids.items()}
-    tried.update(run_all([Run(p, lr, LONG_WARMUP, SWEEP_SEED, "sweep") for p, lr in best_lr.items()],
-                         data, runs, parallel))
+    best_lr = {
+        p: max(lrs, key=lambda lr: _score(tried[Run(p, lr, WARMUP, SWEEP_SEED, "sweep")])) for p, lrs in grids.items()
+    }
+    tried.update(
+        run_all([Run(p, lr, LONG_WARMUP, SWEEP_SEED, "sweep") for p, lr in best_lr.items()], data, runs, parallel)
+    )
     chosen = {}
     for p in grids:
         mine = {r: v for r, v in tried.items() if r.point == p}
         best = max(mine, key=lambda r: _score(mine[r]))
-        chosen[p] = {"lr": best.lr, "warmup": best.warmup,
-                     "tried": [{"lr": r.lr, "warmup": r.warmup, **v} for r, v in sorted(
-                         mine.items(), key=lambda item: (item[0].warmup, item[0].lr))]}
+        chosen[p] = {
+            "lr": best.lr,
+            "warmup": best.warmup,
+            "tried": [
+                {"lr": r.lr, "warmup": r.warmup, **v}
+                for r, v in sorted(mine.items(), key=lambda item: (item[0].warmup, item[0].lr))
+            ],
+        }
     return chosen
 
 
@@ -277,11 +362,13 @@ def checks_plan(chosen: dict[Point, dict]) -> dict[str, list[Run]]:
     for k in CHECK_ACCUMULATION:
         p = Point("epochs", "lars", k)
         plans[f"accumulated {k} x {SMALL}"] = [
-            Run(p, chosen[p]["lr"], chosen[p]["warmup"], seed, "study", accumulate=k) for seed in SEEDS]
+            Run(p, chosen[p]["lr"], chosen[p]["warmup"], seed, "study", accumulate=k) for seed in SEEDS
+        ]
     p = Point("epochs", "lars", CHECK_ENGINES)
     for engine, np in (("horovod", 1), ("horovod", 2), ("torch", 2)):
         plans[f"{engine} engine, {np} process{'es' if np > 1 else ''}"] = [
-            Run(p, chosen[p]["lr"], chosen[p]["warmup"], seed, "study", np=np, engine=engine) for seed in SEEDS]
+            Run(p, chosen[p]["lr"], chosen[p]["warmup"], seed, "study", np=np, engine=engine) for seed in SEEDS
+        ]
     return plans
 
 
@@ -301,7 +388,8 @@ def recalibrated(run: Run, data: Path, runs: Path) -> float:
 
     cfg = parse_config(run.argv(data, runs), "folder")
     loader = lambda root: torch.utils.data.DataLoader(  # noqa: E731
-        datasets.ImageFolder(str(root), val_transform(cfg)), batch_size=512)
+        datasets.ImageFolder(str(root), val_transform(cfg)), batch_size=512
+    )
     model = build_model(cfg.model.model, 10)
     model.load_state_dict(checkpoint.load(sorted((runs / run.dir).glob("checkpoint-*.pth.tar"))[-1])["model"])
     for m in model.modules():
@@ -321,9 +409,11 @@ def recalibrated(run: Run, data: Path, runs: Path) -> float:
 
 # --- statistics ------------------------------------------------------------------------------
 
+
 def sample(values: list[float]) -> dict:
     """Mean, sample standard deviation and the t-based 95% confidence interval of the mean."""
     from scipy import stats
+
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
@@ -336,6 +426,7 @@ def welch(a: list[float], b: list[float]) -> dict:
     confidence interval and the two-sided p-value. Two constant samples have no spread to test:
     p is 1 when they are equal and 0 otherwise, and the interval is the difference itself."""
     from scipy import stats
+
     diff = sum(a) / len(a) - sum(b) / len(b)
     if len(set(a)) == 1 and len(set(b)) == 1:
         return {"diff": diff, "ci95": [diff, diff], "p": 1.0 if diff == 0 else 0.0}
@@ -351,31 +442,57 @@ def holds(rows: list[dict], within: float = 1.0) -> dict:
     held = None
     for row in rows:
         if row["vs_reference"]["diff"] < -within:
-            return {"k": held["k"] if held else None, "vs_reference": held["vs_reference"] if held else None,
-                    "first_outside": {"k": row["k"], "vs_reference": row["vs_reference"]}}
+            return {
+                "k": held["k"] if held else None,
+                "vs_reference": held["vs_reference"] if held else None,
+                "first_outside": {"k": row["k"], "vs_reference": row["vs_reference"]},
+            }
         held = row
     return {"k": held["k"], "vs_reference": held["vs_reference"], "first_outside": None}
 
 
 # --- report ----------------------------------------------------------------------------------
 
-def summarize(chosen: dict[Point, dict], results: dict[Run, dict], checks: dict[str, list[Run]],
-              recalibrated_top1: dict[Run, float]) -> dict:
+
+def summarize(
+    chosen: dict[Point, dict],
+    results: dict[Run, dict],
+    checks: dict[str, list[Run]],
+    recalibrated_top1: dict[Run, float],
+) -> dict:
     top1 = lambda plan: [results[r]["top1"] for r in plan]  # noqa: E731
-    study = {p: [r for r in results if r.point == p and r.data == "study" and r.accumulate == 1
-                 and (r.engine, r.np) == ("torch", 1)] for p in points()}
+    study = {
+        p: [
+            r
+            for r in results
+            if r.point == p and r.data == "study" and r.accumulate == 1 and (r.engine, r.np) == ("torch", 1)
+        ]
+        for p in points()
+    }
     reference = top1(study[Point("epochs", "sgd", 1)])  # the usual small-batch training
     rows = []
     for p in points():
         small = top1(study[Point(p.budget, "sgd", 1)])
-        rows.append({"budget": p.budget, "op": p.op, "k": p.k, "batch": p.batch, "epochs": p.epochs,
-                     "steps": p.epochs * (1536 // p.batch), "lr": chosen[p]["lr"], "warmup": chosen[p]["warmup"],
-                     "top1": sample(top1(study[p])), "vs_small": welch(top1(study[p]), small),
-                     "vs_reference": welch(top1(study[p]), reference),
-                     "top1_bn_reestimated": sample([recalibrated_top1[r] for r in study[p]])
-                     if p.budget == "epochs" else None,
-                     "diverged": sum(results[r]["diverged"] for r in study[p]),
-                     "seconds_per_run": sum(results[r]["seconds"] for r in study[p]) / len(study[p])})
+        rows.append(
+            {
+                "budget": p.budget,
+                "op": p.op,
+                "k": p.k,
+                "batch": p.batch,
+                "epochs": p.epochs,
+                "steps": p.epochs * (1536 // p.batch),
+                "lr": chosen[p]["lr"],
+                "warmup": chosen[p]["warmup"],
+                "top1": sample(top1(study[p])),
+                "vs_small": welch(top1(study[p]), small),
+                "vs_reference": welch(top1(study[p]), reference),
+                "top1_bn_reestimated": sample([recalibrated_top1[r] for r in study[p]])
+                if p.budget == "epochs"
+                else None,
+                "diverged": sum(results[r]["diverged"] for r in study[p]),
+                "seconds_per_run": sum(results[r]["seconds"] for r in study[p]) / len(study[p]),
+            }
+        )
     # Same epochs: how far the batch grows before accuracy falls. Same steps: how large it must
     # be to catch up, in as many steps as 1 epoch of the small batch, with the usual result.
     held = {op: holds([r for r in rows if r["budget"] == "epochs" and r["op"] == op]) for op in OPTIMIZERS}
@@ -383,8 +500,15 @@ def summarize(chosen: dict[Point, dict], results: dict[Run, dict], checks: dict[
     check_rows = []
     for label, plan in checks.items():
         p = plan[0].point
-        check_rows.append({"check": label, "k": p.k, "top1": sample(top1(plan)),
-                           "study": sample(top1(study[p])), "vs_study": welch(top1(plan), top1(study[p]))})
+        check_rows.append(
+            {
+                "check": label,
+                "k": p.k,
+                "top1": sample(top1(plan)),
+                "study": sample(top1(study[p])),
+                "vs_study": welch(top1(plan), top1(study[p])),
+            }
+        )
     return {"points": rows, "holds": held, "catches_up": reached, "checks": check_rows}
 
 
@@ -397,32 +521,53 @@ def _diff(w: dict) -> str:
 
 
 def markdown(summary: dict, seconds: dict) -> str:
-    budgets = {"epochs": f"the same epochs ({EPOCHS} for every batch)",
-               "steps": f"the same steps ({STEPS} for every batch: a batch of {SMALL}k trains k epochs)"}
-    lines = [f"`cifar_resnet8` on the digits at 16 px (1,536 training, 261 validation images), global batch "
-             f"{SMALL}k, seeds {', '.join(map(str, SEEDS))} per point; mean ± sample standard deviation of the "
-             f"final validation top-1 (%), its 95% confidence interval (t), and the difference from SGD at batch "
-             f"{SMALL} under the same budget with Welch's 95% interval and p-value. Learning rates and warmups "
-             f"from the sweep on a split of the training set (convergence_sweep.md)."]
+    budgets = {
+        "epochs": f"the same epochs ({EPOCHS} for every batch)",
+        "steps": f"the same steps ({STEPS} for every batch: a batch of {SMALL}k trains k epochs)",
+    }
+    lines = [
+        f"`cifar_resnet8` on the digits at 16 px (1,536 training, 261 validation images), global batch "
+        f"{SMALL}k, seeds {', '.join(map(str, SEEDS))} per point; mean ± sample standard deviation of the "
+        f"final validation top-1 (%), its 95% confidence interval (t), and the difference from SGD at batch "
+        f"{SMALL} under the same budget with Welch's 95% interval and p-value. Learning rates and warmups "
+        f"from the sweep on a split of the training set (convergence_sweep.md)."
+    ]
     for budget, title in budgets.items():
-        lines += ["", f"**Budget: {title}.**", "",
-                  "| optimizer | batch | steps | lr | warmup | top-1 | 95% CI | vs SGD at 8 [95% CI] | p "
-                  + ("| top-1, BN statistics re-estimated |" if budget == "epochs" else f"| vs SGD at 8, {EPOCHS} epochs | p |"),
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if budget == "epochs" else " ---: | ---: |")]
+        lines += [
+            "",
+            f"**Budget: {title}.**",
+            "",
+            "| optimizer | batch | steps | lr | warmup | top-1 | 95% CI | vs SGD at 8 [95% CI] | p "
+            + (
+                "| top-1, BN statistics re-estimated |"
+                if budget == "epochs"
+                else f"| vs SGD at 8, {EPOCHS} epochs | p |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if budget == "epochs" else " ---: | ---: |"),
+        ]
         for r in (r for r in summary["points"] if r["budget"] == budget):
             diverged = f" ({r['diverged']} diverged)" if r["diverged"] else ""
-            lines.append(f"| {r['op'].upper()} | {r['batch']} ({r['k']}x) | {r['steps']} | {r['lr']:g} "
-                         f"| {r['warmup'] * r['epochs']:g} ep | {_mean_std(r['top1'])}{diverged} "
-                         f"| {r['top1']['ci95'][0]:.2f} - {r['top1']['ci95'][1]:.2f} | {_diff(r['vs_small'])} "
-                         f"| {r['vs_small']['p']:.3f} |"
-                         + (f" {_mean_std(r['top1_bn_reestimated'])} |" if budget == "epochs"
-                            else f" {_diff(r['vs_reference'])} | {r['vs_reference']['p']:.3f} |"))
+            lines.append(
+                f"| {r['op'].upper()} | {r['batch']} ({r['k']}x) | {r['steps']} | {r['lr']:g} "
+                f"| {r['warmup'] * r['epochs']:g} ep | {_mean_std(r['top1'])}{diverged} "
+                f"| {r['top1']['ci95'][0]:.2f} - {r['top1']['ci95'][1]:.2f} | {_diff(r['vs_small'])} "
+                f"| {r['vs_small']['p']:.3f} |"
+                + (
+                    f" {_mean_std(r['top1_bn_reestimated'])} |"
+                    if budget == "epochs"
+                    else f" {_diff(r['vs_reference'])} | {r['vs_reference']['p']:.3f} |"
+                )
+            )
         if budget == "epochs":
             lines += ["", "Largest batch within one point of SGD at 8 (every smaller batch too):", ""]
             found, none = summary["holds"], "none (already more than a point behind at 8)"
         else:
-            lines += ["", f"Smallest batch within one point of SGD at 8 trained {EPOCHS} epochs (every larger batch "
-                      f"too):", ""]
+            lines += [
+                "",
+                f"Smallest batch within one point of SGD at 8 trained {EPOCHS} epochs (every larger batch too):",
+                "",
+            ]
             found, none = summary["catches_up"], "none"
         for op, h in found.items():
             text = f"{SMALL * h['k']} ({h['k']}x), difference {_diff(h['vs_reference'])}" if h["k"] else none
@@ -430,21 +575,34 @@ def markdown(summary: dict, seconds: dict) -> str:
                 f = h["first_outside"]
                 text += f"; at {SMALL * f['k']} ({f['k']}x): {_diff(f['vs_reference'])}"
             lines.append(f"- {op.upper()}: {text}")
-    lines += ["", "**Checks** (LARS, same epochs; each against the study's point: torch engine, 1 process, "
-              "the real large batch):", "",
-              "| check | batch | top-1 | study's point | difference [95% CI] | p |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "**Checks** (LARS, same epochs; each against the study's point: torch engine, 1 process, "
+        "the real large batch):",
+        "",
+        "| check | batch | top-1 | study's point | difference [95% CI] | p |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c in summary["checks"]:
-        lines.append(f"| {c['check']} | {SMALL * c['k']} | {_mean_std(c['top1'])} | {_mean_std(c['study'])} "
-                     f"| {_diff(c['vs_study'])} | {c['vs_study']['p']:.3f} |")
-    lines += ["", "Time on this machine: " + ", ".join(f"{stage} {s / 60:.0f} min" for stage, s in seconds.items())
-              + f" (total {sum(seconds.values()) / 60:.0f} min)."]
+        lines.append(
+            f"| {c['check']} | {SMALL * c['k']} | {_mean_std(c['top1'])} | {_mean_std(c['study'])} "
+            f"| {_diff(c['vs_study'])} | {c['vs_study']['p']:.3f} |"
+        )
+    lines += [
+        "",
+        "Time on this machine: "
+        + ", ".join(f"{stage} {s / 60:.0f} min" for stage, s in seconds.items())
+        + f" (total {sum(seconds.values()) / 60:.0f} min).",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, budget, title in zip(axes, ("epochs", "steps"), (f"same epochs ({EPOCHS})", f"same steps ({STEPS})")):
         for op, color in zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")):
@@ -453,10 +611,13 @@ def plot(summary: dict, path: Path) -> None:
             mean = [r["top1"]["mean"] for r in rows]
             std = [r["top1"]["std"] for r in rows]
             ax.plot(x, mean, "o-", color=color, label=op.upper())
-            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=color, alpha=0.2)
+            ax.fill_between(
+                x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.2
+            )
         small = next(r for r in summary["points"] if r["budget"] == "epochs" and r["op"] == "sgd" and r["k"] == 1)
-        ax.axhline(small["top1"]["mean"] - 1, color="grey", ls=":", lw=1, label=f"SGD at 8, {EPOCHS} epochs, minus 1 point")
+        ax.axhline(
+            small["top1"]["mean"] - 1, color="grey", ls=":", lw=1, label=f"SGD at 8, {EPOCHS} epochs, minus 1 point"
+        )
         ax.set_xscale("log", base=2)
         ax.set_xticks([SMALL * k for k in MULTIPLES], [str(SMALL * k) for k in MULTIPLES])
         ax.set_xlabel("global batch")
@@ -471,14 +632,19 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def sweep_markdown(chosen: dict[Point, dict]) -> str:
-    lines = [f"Sweep: seed {SWEEP_SEED}, trained on 1,024 of the 1,536 training images, scored on the other 512 "
-             f"(final top-1, then loss); warmup as a fraction of the run's epochs. The chosen setting is in bold.",
-             "", "| point | batch | epochs | lr: held-out top-1 (warmup " + f"{WARMUP:g}) | longer warmup ({LONG_WARMUP:g}) |",
-             "| --- | ---: | ---: | --- | --- |"]
+    lines = [
+        f"Sweep: seed {SWEEP_SEED}, trained on 1,024 of the 1,536 training images, scored on the other 512 "
+        f"(final top-1, then loss); warmup as a fraction of the run's epochs. The chosen setting is in bold.",
+        "",
+        "| point | batch | epochs | lr: held-out top-1 (warmup " + f"{WARMUP:g}) | longer warmup ({LONG_WARMUP:g}) |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
     for p, c in chosen.items():
-        def cell(t):
+
+        def cell(t, c=c):
             text = f"{t['lr']:g}: {'diverged' if t['diverged'] else format(t['top1'], '.1f')}"
             return f"**{text}**" if (t["lr"], t["warmup"]) == (c["lr"], c["warmup"]) else text
+
         short = ", ".join(cell(t) for t in c["tried"] if t["warmup"] == WARMUP)
         long = ", ".join(cell(t) for t in c["tried"] if t["warmup"] == LONG_WARMUP)
         lines.append(f"| {p.budget} {p.op.upper()} {p.k}x | {p.batch} | {p.epochs} | {short} | {long} |")
@@ -487,17 +653,24 @@ def sweep_markdown(chosen: dict[Point, dict]) -> str:
 
 # --- main ------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=["all", "sweep", "study", "checks", "report"], default="all",
-                   help="each stage runs what it needs of the ones before it; runs on disk are kept")
+    p.add_argument(
+        "--stage",
+        choices=["all", "sweep", "study", "checks", "report"],
+        default="all",
+        help="each stage runs what it needs of the ones before it; runs on disk are kept",
+    )
     p.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="single-process runs at a time")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "digits16-study")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "convergence")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     from machine import describe  # a sibling: `python bench/convergence.py` puts bench/ first on sys.path
+
     import largebatch.job  # noqa: F401  torch and the job's modules, once, before the runs fork
+
     write_data(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -514,16 +687,30 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = timed("sweep", lambda: sweep(args.data, args.runs, args.parallel))
     (args.out / "convergence_sweep.md").write_text(sweep_markdown(chosen))
-    (args.out / "convergence_sweep.json").write_text(json.dumps(
-        {"seed": SWEEP_SEED, "base_lr": BASE_LR, "rule_exponent": RULE, "warmups": [WARMUP, LONG_WARMUP],
-         "points": [{"point": p.name, **c} for p, c in chosen.items()]}, indent=1) + "\n")
+    (args.out / "convergence_sweep.json").write_text(
+        json.dumps(
+            {
+                "seed": SWEEP_SEED,
+                "base_lr": BASE_LR,
+                "rule_exponent": RULE,
+                "warmups": [WARMUP, LONG_WARMUP],
+                "points": [{"point": p.name, **c} for p, c in chosen.items()],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     if args.stage == "sweep":
         return 0
     results = timed("study", lambda: run_all(study_plan(chosen), args.data, args.runs, args.parallel))
     checks = checks_plan(chosen)
     if args.stage in ("all", "checks", "report"):
-        results.update(timed("checks", lambda: run_all([r for plan in checks.values() for r in plan],
-                                                        args.data, args.runs, args.parallel)))
+        results.update(
+            timed(
+                "checks",
+                lambda: run_all([r for plan in checks.values() for r in plan], args.data, args.runs, args.parallel),
+            )
+        )
     else:
         return 0
     cache = args.runs / "bn_reestimated.json"
@@ -535,10 +722,24 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(chosen, results, checks, {r: known[r.dir] for r in study_plan(chosen) if r.dir in known})
     text = markdown(summary, {k: v for k, v in seconds.items() if k != "report"})
     (args.out / "convergence.md").write_text(text)
-    (args.out / "convergence.json").write_text(json.dumps(
-        {"command": "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-         "machine": describe(), "seconds": seconds, "small_batch": SMALL, "multiples": MULTIPLES,
-         "epochs": EPOCHS, "steps": STEPS, "seeds": SEEDS, "common_flags": COMMON, **summary}, indent=1) + "\n")
+    (args.out / "convergence.json").write_text(
+        json.dumps(
+            {
+                "command": "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "machine": describe(),
+                "seconds": seconds,
+                "small_batch": SMALL,
+                "multiples": MULTIPLES,
+                "epochs": EPOCHS,
+                "steps": STEPS,
+                "seeds": SEEDS,
+                "common_flags": COMMON,
+                **summary,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     plot(summary, args.out / "convergence.png")
     print(text, end="")
     print(f"wrote {args.out}/convergence.{{md,json,png}} and convergence_sweep.{{md,json}}; runs in {args.runs}")

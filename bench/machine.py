@@ -1,4 +1,5 @@
 """A description of the machine a benchmark ran on, for its results file."""
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ scalars per epoch, four threads per rank.
 Prints one line per phase, "phase NAME", as it starts, so that the benchmark can time each.
 It imports Horovod directly, on purpose: it is the plain loop our job is measured against.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     size = args.image_size
-    train_set = datasets.ImageFolder(args.train_dir, transforms.Compose([
-        transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD)]))
-    val_set = datasets.ImageFolder(args.val_dir, transforms.Compose([
-        transforms.Resize(round(size / 0.875)), transforms.CenterCrop(size), transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD)]))
+    train_set = datasets.ImageFolder(
+        args.train_dir,
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        ),
+    )
+    val_set = datasets.ImageFolder(
+        args.val_dir,
+        transforms.Compose(
+            [
+                transforms.Resize(round(size / 0.875)),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        ),
+    )
     train_sampler = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=hvd.size(), rank=hvd.rank())
     val_sampler = torch.utils.data.distributed.DistributedSampler(val_set, num_replicas=hvd.size(), rank=hvd.rank())
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler)
@@ -89,7 +106,9 @@ def main() -> None:
     if main_rank:
         writer.add_scalar("train/loss", loss_sum / len(train_loader), 0)
         writer.add_scalar("val/loss", val_loss / len(val_loader), 0)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f"{args.log_dir}/checkpoint-1.pth.tar")
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f"{args.log_dir}/checkpoint-1.pth.tar"
+        )
         writer.close()
     say("end")
 

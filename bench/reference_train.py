@@ -12,6 +12,7 @@ all ranks, from the end of step ``--warmup-steps`` to the end of step ``--steps`
 It imports Horovod directly, on purpose: it is the plain Horovod loop our job is measured
 against, so it must not go through ``largebatch.engines``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     if hvd.rank() == 0:
         images_done = (args.steps - args.warmup_steps) * args.batch_size * hvd.size()
-        print(json.dumps({"images_per_sec": images_done / seconds, "seconds": seconds,
-                          "final_loss": loss.item()}), flush=True)
+        print(
+            json.dumps({"images_per_sec": images_done / seconds, "seconds": seconds, "final_loss": loss.item()}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ problem with the user's input, as one line with exit status 2.
 
     from largebatch.argparsing import Parser, UsageError
 """
+
 from __future__ import annotations
 
 import argparse

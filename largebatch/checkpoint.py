@@ -40,14 +40,15 @@ records for every member, which Python's ``zipfile`` checks here.
 A lost or damaged manifest is rebuilt from the files in the run directory whose names the
 checkpoint format gives, each verified, in the order of their steps; one warning line says
 so. The manifest's names are plain file names: one with a path in it makes the manifest
-damaged, so nothing outside the run directory is ever read or deleted through it. A write goes to a temporary file that is flushed, fsynced, checked to have
-the size written, renamed, and then recorded; only after that are older files rotated out.
+damaged, so nothing outside the run directory is ever read or deleted through it.
 
-Rotation. Only files whose names the checkpoint format gives are ever deleted. After a
-save the newest ``keep`` files stay. If none of them is finite, the
-newest finite older one stays too (so a run that diverges keeps a point to go back to,
-even with ``--keep-checkpoints 1``). Entries without a ``finite`` field (old manifests)
-count as finite.
+Writing. A write goes to a temporary file that is flushed, fsynced, checked to have the size
+written, renamed, and then recorded; only after that are older files rotated out.
+
+Rotation. Only files whose names the checkpoint format gives are ever deleted. After a save
+the newest ``keep`` files stay. If none of them is finite, the newest finite older one stays
+too (so a run that diverges keeps a point to go back to, even with ``--keep-checkpoints 1``).
+Entries without a ``finite`` field (old manifests) count as finite.
 
 Disk space. The invariant: the newest checkpoint on disk is never deleted before a newer
 one is written and verified. Before writing, if the free space is less than the size
@@ -58,6 +59,7 @@ old and one being written), not ``keep + 1``; with ``--keep-checkpoints 1`` that
 for two. When the write still fails for space, nothing was lost: the temporary file is
 removed, the manifest is unchanged, and CheckpointWriteError says so in one line.
 """
+
 from __future__ import annotations
 
 import errno
@@ -71,8 +73,8 @@ import string
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -85,12 +87,24 @@ MANIFEST = "checkpoints.json"
 MANIFEST_FORMAT = 2  # 1 (no field): files only; 2: entries with sha256, size, finite
 # Flags that define what a run is: resuming with any of them changed would continue a
 # different experiment from this one's weights, so it is refused.
-IDENTITY = ("model", "num_classes", "batch_size", "batches_per_allreduce", "base_op", "epochs",
-            "lr_schedule", "image_size", "synthetic")
-_SPACE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
-                 errno.EFBIG: "file size limit (ulimit -f) exceeded"}
-_ZIP_MAGIC = b"PK\x03\x04"   # torch.save's format since 1.6
-_PICKLE_MAGIC = b"\x80"      # the legacy format starts with a pickle protocol marker
+IDENTITY = (
+    "model",
+    "num_classes",
+    "batch_size",
+    "batches_per_allreduce",
+    "base_op",
+    "epochs",
+    "lr_schedule",
+    "image_size",
+    "synthetic",
+)
+_SPACE_ERRNOS = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit (ulimit -f) exceeded",
+}
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+_PICKLE_MAGIC = b"\x80"  # the legacy format starts with a pickle protocol marker
 
 
 class CheckpointError(UsageError):
@@ -114,8 +128,14 @@ def warning(line: str) -> None:
 
 
 class Checkpoints:
-    def __init__(self, run_dir: Path, name_format: str, keep: int, warn: Callable[[str], None] | None = None,
-                 read_only: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        name_format: str,
+        keep: int,
+        warn: Callable[[str], None] | None = None,
+        read_only: bool = False,
+    ):
         self.run_dir, self.keep, self.read_only = Path(run_dir), keep, read_only
         self.name_format = name_format.removeprefix("./")
         self.warn = warn or warning
@@ -146,14 +166,27 @@ class Checkpoints:
             except (OSError, CheckpointError):
                 damaged.append(path.name)
                 continue
-            found.append((state["step"], state["epoch"], path.name,
-                          {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                           "finite": all_finite(state), "epoch": state["epoch"], "step": state["step"]}))
+            found.append(
+                (
+                    state["step"],
+                    state["epoch"],
+                    path.name,
+                    {
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                        "size": len(data),
+                        "finite": all_finite(state),
+                        "epoch": state["epoch"],
+                        "step": state["step"],
+                    },
+                )
+            )
         found.sort(key=lambda item: item[:2])
         files, entries = [f[2] for f in found], {f[2]: f[3] for f in found}
         left_out = f", {len(damaged)} damaged one(s) left out ({', '.join(damaged[:3])})" if damaged else ""
-        self.warn(f"warning: {self.run_dir / MANIFEST} was {why}; rebuilt it from the {len(files)} verified "
-                  f"checkpoint file(s) in the run directory{left_out}")
+        self.warn(
+            f"warning: {self.run_dir / MANIFEST} was {why}; rebuilt it from the {len(files)} verified "
+            f"checkpoint file(s) in the run directory{left_out}"
+        )
         if not self.read_only:
             self._write_manifest(files, entries)
         return files, entries
@@ -183,8 +216,9 @@ class Checkpoints:
             name = f"{stem}-step{step}{dot}{suffix}"
         return name
 
-    def load_newest(self, warn: Callable[[str], None] | None = None,
-                    finite_only: bool = False) -> tuple[Path, dict] | None:
+    def load_newest(
+        self, warn: Callable[[str], None] | None = None, finite_only: bool = False
+    ) -> tuple[Path, dict] | None:
         warn = warn or self.warn
         files, entries = self._manifest()
         damaged = nonfinite = 0
@@ -205,8 +239,10 @@ class Checkpoints:
                 warn(f"warning: {e}; trying an older checkpoint")
         if damaged or nonfinite:
             why = ", ".join(f"{n} {what}" for n, what in ((damaged, "damaged"), (nonfinite, "non-finite")) if n)
-            raise CheckpointError(f"--log-dir {self.run_dir} holds no usable checkpoint ({why}); "
-                                  f"pass --resume PATH, or remove them to start over")
+            raise CheckpointError(
+                f"--log-dir {self.run_dir} holds no usable checkpoint ({why}); "
+                f"pass --resume PATH, or remove them to start over"
+            )
         return None
 
     # --- saving -----------------------------------------------------------------------------
@@ -243,8 +279,13 @@ class Checkpoints:
                 self._write_manifest(files, {**entries, name: {**record(), "previous": old}})
 
         def record() -> dict:
-            return {"sha256": writer.sha256.hexdigest(), "size": writer.size, "finite": finite,
-                    "epoch": state["epoch"], "step": state["step"]}
+            return {
+                "sha256": writer.sha256.hexdigest(),
+                "size": writer.size,
+                "finite": finite,
+                "epoch": state["epoch"],
+                "step": state["step"],
+            }
 
         try:
             atomic_write(path, write, verify=verify, mode_like=mode_like)
@@ -291,16 +332,23 @@ class Checkpoints:
             self._delete(old)
         return files
 
-    def _write_error(self, path: Path, e: OSError, previous: Path | None, expected: int,
-                     written: int) -> CheckpointWriteError:
+    def _write_error(
+        self, path: Path, e: OSError, previous: Path | None, expected: int, written: int
+    ) -> CheckpointWriteError:
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         if e.errno in _SPACE_ERRNOS:
             needed = max(expected, written + 1)
-            hint = ("free space, or lower --keep-checkpoints" if self.keep > 1 else
-                    "free space (a run needs room for two checkpoints while it replaces one)")
-            return CheckpointWriteError(e.errno, f"cannot write checkpoint {path}: {_SPACE_ERRNOS[e.errno]} "
-                                                 f"(needs {_human(needed)}, {_human(_free(self.run_dir))} free "
-                                                 f"on {self.run_dir}); {kept}; {hint}")
+            hint = (
+                "free space, or lower --keep-checkpoints"
+                if self.keep > 1
+                else "free space (a run needs room for two checkpoints while it replaces one)"
+            )
+            return CheckpointWriteError(
+                e.errno,
+                f"cannot write checkpoint {path}: {_SPACE_ERRNOS[e.errno]} "
+                f"(needs {_human(needed)}, {_human(_free(self.run_dir))} free "
+                f"on {self.run_dir}); {kept}; {hint}",
+            )
         return CheckpointWriteError(e.errno, f"cannot write checkpoint {path} ({e.strerror or e}); {kept}")
 
 
@@ -326,16 +374,19 @@ def check_world_size(state: dict, size: int, source: Path) -> None:
         return
     args = state.get("args", {})
     per_process = args.get("batch_size", 0) * args.get("batches_per_allreduce", 1)
-    raise UsageError(f"{source} was written by {saved} processes (global batch {per_process * saved}) and this run "
-                     f"has {size} (global batch {per_process * size}): its schedule and data order hold only for "
-                     f"{saved}; resume it on {saved} processes, or start a new run in a new --log-dir")
+    raise UsageError(
+        f"{source} was written by {saved} processes (global batch {per_process * saved}) and this run "
+        f"has {size} (global batch {per_process * size}): its schedule and data order hold only for "
+        f"{saved}; resume it on {saved} processes, or start a new run in a new --log-dir"
+    )
 
 
 def check_same_run(state: dict, cfg: Config, source: Path) -> None:
     saved = state["args"]
     current = cfg.to_dict()
-    differ = [k for k in IDENTITY if k in saved and saved[k] != current[k]
-              and not (k == "num_classes" and current[k] is None)]
+    differ = [
+        k for k in IDENTITY if k in saved and saved[k] != current[k] and not (k == "num_classes" and current[k] is None)
+    ]
     if differ:
         what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {current[k]})" for k in differ)
         raise UsageError(f"{source} belongs to a run with {what}; use a new --log-dir for a new run")
@@ -343,8 +394,19 @@ def check_same_run(state: dict, cfg: Config, source: Path) -> None:
 
 # Flags whose values a resumed run takes from the checkpoint, not from its command line: they
 # live on in the optimizer's param groups and the schedule's state, which resume restores.
-KEPT_FROM_CHECKPOINT = ("base_lr", "lr_scaling", "lr_power", "end_lr", "lr_decay_epochs",
-                        "warmup_epochs", "momentum", "wd", "epsilon", "lars_eta", "trust_clip")
+KEPT_FROM_CHECKPOINT = (
+    "base_lr",
+    "lr_scaling",
+    "lr_power",
+    "end_lr",
+    "lr_decay_epochs",
+    "warmup_epochs",
+    "momentum",
+    "wd",
+    "epsilon",
+    "lars_eta",
+    "trust_clip",
+)
 
 
 def ignored_changes(state: dict, cfg: Config) -> str | None:
@@ -354,8 +416,10 @@ def ignored_changes(state: dict, cfg: Config) -> str | None:
     if not differ:
         return None
     what = ", ".join(f"--{k.replace('_', '-')} {current[k]} (the checkpoint's: {saved[k]})" for k in differ)
-    return (f"warning: {what}: a resumed run keeps the checkpoint's values, which live on in its optimizer "
-            f"and schedule state; a new --log-dir starts a run with the new ones")
+    return (
+        f"warning: {what}: a resumed run keeps the checkpoint's values, which live on in its optimizer "
+        f"and schedule state; a new --log-dir starts a run with the new ones"
+    )
 
 
 def all_finite(state: dict) -> bool:
@@ -375,6 +439,7 @@ def all_finite(state: dict) -> bool:
 
 # --- reading ----------------------------------------------------------------------------------
 
+
 def _load(path: Path, record: dict | None, data: bytes | None = None) -> dict:
     if data is None:
         try:
@@ -386,20 +451,22 @@ def _load(path: Path, record: dict | None, data: bytes | None = None) -> dict:
     if record:
         accepted = [record, *([record["previous"]] if isinstance(record.get("previous"), dict) else [])]
         if "size" in record and all(len(data) != r.get("size") for r in accepted):
-            raise CheckpointError(f"{path} is truncated or damaged: it has {len(data)} bytes, "
-                                  f"{record['size']} were written")
+            raise CheckpointError(
+                f"{path} is truncated or damaged: it has {len(data)} bytes, {record['size']} were written"
+            )
         if "sha256" in record:
             digest = hashlib.sha256(data).hexdigest()
             if all(digest != r.get("sha256") for r in accepted):
-                raise CheckpointError(f"{path} is damaged: its contents differ from what was written "
-                                      f"(sha256 mismatch)")
+                raise CheckpointError(f"{path} is damaged: its contents differ from what was written (sha256 mismatch)")
     state = _parse(path, data)
     missing = {"model", "optimizer", "epoch", "step", "args"} - set(state)
     if missing:
         raise CheckpointError(f"{path} is not a largebatch checkpoint (missing {', '.join(sorted(missing))})")
     if state.get("version", 1) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer largebatch (checkpoint version {state['version']}, "
-                              f"this one reads up to {VERSION}); upgrade to resume it")
+        raise CheckpointError(
+            f"{path} was written by a newer largebatch (checkpoint version {state['version']}, "
+            f"this one reads up to {VERSION}); upgrade to resume it"
+        )
     return state
 
 
@@ -411,7 +478,9 @@ def _check_crcs(path: Path, data: bytes) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is truncated or damaged: its zip structure is broken ({_first_sentence(e)})") from None
+        raise CheckpointError(
+            f"{path} is truncated or damaged: its zip structure is broken ({_first_sentence(e)})"
+        ) from None
     if bad is not None:
         raise CheckpointError(f"{path} is damaged: its member {bad} fails its CRC-32 check")
 
@@ -462,6 +531,7 @@ def _parse_manifest(text: str) -> tuple[list[str], dict[str, dict]]:
 
 
 # --- writing ----------------------------------------------------------------------------------
+
 
 class _HashingWriter:
     """File-like wrapper that hashes and counts what torch.save writes through it."""

@@ -1,4 +1,5 @@
 """The entry points' common body: parse, run, and turn failures into one-line errors."""
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ def report_exit(code: int) -> None:
     directory = os.environ.get(EXIT_DIR)
     if directory:
         from .engines import launcher_rank
+
         try:
             Path(directory, f"rank-{launcher_rank()}").write_text(f"{code}\n")
         except OSError:
@@ -39,10 +41,12 @@ def _main(entry: str, argv: list[str] | None) -> int:
     from .data.checks import DataError
     from .engines import EngineError, launcher_rank, lost_peer  # imports torch
     from .parallel import ShardingError
+
     prog = "pytorch_imagenet_resnet_dali.py" if entry == "dali" else "pytorch_imagenet_resnet.py"
     try:
         cfg = parse_config(argv, entry)
         from .job import run  # torch/horovod import after the flags are known to be good
+
         return run(cfg, stop)
     except (UsageError, ShardingError) as e:
         # Every rank reaches the same verdict (the checks are agreed across ranks): one says it.
@@ -66,9 +70,13 @@ def _main(entry: str, argv: list[str] | None) -> int:
         reason = lost_peer(e)
         if reason is None:
             raise
-        print(f"{prog}: error: rank {launcher_rank()} lost its connection to another process ({reason}); "
-              f"that process ended first (see its own message or the launcher's); continue the run from its "
-              f"last checkpoint with --resume auto", file=sys.stderr, flush=True)
+        print(
+            f"{prog}: error: rank {launcher_rank()} lost its connection to another process ({reason}); "
+            f"that process ended first (see its own message or the launcher's); continue the run from its "
+            f"last checkpoint with --resume auto",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ command lines keep working and mean the same training; the other older projects'
 Everything that can be checked without touching data or starting an engine is checked here,
 so a bad flag fails in every rank at once, before any work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ ENTRIES = ("folder", "dali")  # pytorch_imagenet_resnet.py, pytorch_imagenet_res
 
 
 # --- value types of flags ----------------------------------------------------------------------
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -102,17 +104,31 @@ def _bool_word(text: str) -> bool:
 
 # --- declaring a field and its flag together ------------------------------------------------------
 
-SWITCH = "switch"          # --flag / --no-flag
+SWITCH = "switch"  # --flag / --no-flag
 VALUE_BOOL = "value_bool"  # --flag, --flag True|False (Apex's spelling), --no-flag
 
 
-def flag(*names: str, help: str, default: Any = None, kind: str | None = None, entry: str | None = None,
-         **argparse_kwargs: Any) -> Any:
+def flag(
+    *names: str,
+    help: str,
+    default: Any = None,
+    kind: str | None = None,
+    entry: str | None = None,
+    **argparse_kwargs: Any,
+) -> Any:
     """A Config field with its flag: ``names`` (the first is the canonical one, whose
     destination is the field's name), ``help`` (one line; the default is added once), the
     default, and argparse's other arguments. ``entry``: only that entry script has it."""
-    return dataclasses.field(metadata={"names": names, "help": help, "default": default, "kind": kind,
-                                       "entry": entry, "argparse": argparse_kwargs})
+    return dataclasses.field(
+        metadata={
+            "names": names,
+            "help": help,
+            "default": default,
+            "kind": kind,
+            "entry": entry,
+            "argparse": argparse_kwargs,
+        }
+    )
 
 
 def derived(doc: str, saved: bool = True) -> Any:
@@ -123,105 +139,181 @@ def derived(doc: str, saved: bool = True) -> Any:
 
 # --- the sub-configs ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DataConfig:
     """data"""
-    train_dir: Path | None = flag("--train-dir", type=Path, entry="folder",
-                                  help="training images, one folder per class")
-    val_dir: Path | None = flag("--val-dir", type=Path, entry="folder",
-                                help="validation images, the same class folders")
-    synthetic: bool = flag("--synthetic", action="store_true", default=False,
-                           help="random tensors instead of a data set")
-    synthetic_size: int = flag("--synthetic-size", type=positive_int, default=1024,
-                               help="samples per epoch with --synthetic (validation: a quarter of it)")
-    num_classes: int | None = flag("--num-classes", type=positive_int,
-                                   help="classes (default: the number of class folders; 1000 with --synthetic)")
-    image_size: int = flag("--image-size", type=positive_int, default=224,
-                           help=f"training crop size, at least {MIN_IMAGE_SIZE} (a ResNet's stem divides it by 4); "
-                                f"a size the --model cannot take is refused at start")
-    val_resize: int | None = flag("--val-resize", type=positive_int,
-                                  help="validation: resize the shorter side to this, then centre-crop --image-size "
-                                       "(default: image-size / 0.875)")
-    crop_scale: tuple[float, float] = flag("--crop-scale", type=_pair, default=(0.08, 1.0), metavar="LOW,HIGH",
-                                           help="training crop area, as fractions of the image (random resized crop)")
-    crop_ratio: tuple[float, float] = flag("--crop-ratio", type=_pair, default=(3 / 4, 4 / 3), metavar="LOW,HIGH",
-                                           help="training crop aspect ratios")
-    val_batch_size: int = flag("--val-batch-size", type=positive_int, default=32,
-                               help="validation images per process per batch")
+
+    train_dir: Path | None = flag(
+        "--train-dir", type=Path, entry="folder", help="training images, one folder per class"
+    )
+    val_dir: Path | None = flag(
+        "--val-dir", type=Path, entry="folder", help="validation images, the same class folders"
+    )
+    synthetic: bool = flag(
+        "--synthetic", action="store_true", default=False, help="random tensors instead of a data set"
+    )
+    synthetic_size: int = flag(
+        "--synthetic-size",
+        type=positive_int,
+        default=1024,
+        help="samples per epoch with --synthetic (validation: a quarter of it)",
+    )
+    num_classes: int | None = flag(
+        "--num-classes", type=positive_int, help="classes (default: the number of class folders; 1000 with --synthetic)"
+    )
+    image_size: int = flag(
+        "--image-size",
+        type=positive_int,
+        default=224,
+        help=f"training crop size, at least {MIN_IMAGE_SIZE} (a ResNet's stem divides it by 4); "
+        f"a size the --model cannot take is refused at start",
+    )
+    val_resize: int | None = flag(
+        "--val-resize",
+        type=positive_int,
+        help="validation: resize the shorter side to this, then centre-crop --image-size (default: image-size / 0.875)",
+    )
+    crop_scale: tuple[float, float] = flag(
+        "--crop-scale",
+        type=_pair,
+        default=(0.08, 1.0),
+        metavar="LOW,HIGH",
+        help="training crop area, as fractions of the image (random resized crop)",
+    )
+    crop_ratio: tuple[float, float] = flag(
+        "--crop-ratio", type=_pair, default=(3 / 4, 4 / 3), metavar="LOW,HIGH", help="training crop aspect ratios"
+    )
+    val_batch_size: int = flag(
+        "--val-batch-size", type=positive_int, default=32, help="validation images per process per batch"
+    )
     workers: int = flag("--workers", "-j", type=non_negative_int, default=4, help="data loader processes per rank")
 
 
 @dataclass(frozen=True)
 class DaliConfig:
     """DALI input (pytorch_imagenet_resnet_dali.py only; ``Config.dali`` is None for the other entry)"""
-    data_dir: Path | None = flag("--data-dir", type=Path, entry="dali",
-                                 help="TFRecord layout: train/, validation/, idx_files/ (or an image folder tree "
-                                      "with --data-format folder)")
-    data_format: str = flag("--data-format", choices=["tfrecord", "folder"], default="tfrecord", entry="dali",
-                            help="what --data-dir holds")
-    dali_device: str = flag("--dali-device", choices=["gpu", "cpu"], default="gpu", entry="dali",
-                            help="gpu: decode and augment on the GPU; cpu: the whole pipeline on CPU")
-    dali_threads: int = flag("--dali-threads", type=non_negative_int, default=0, entry="dali",
-                             help="DALI CPU threads per rank (0: this rank's share of the node's cores, at most 8)")
-    dali_prefetch: int = flag("--dali-prefetch", type=positive_int, default=2, entry="dali",
-                              help="DALI prefetch queue depth")
-    label_offset: str = flag("--label-offset", choices=["auto", "0", "1"], default="auto", entry="dali",
-                             help="subtract this from TFRecord labels; auto: 1 when labels start at 1")
+
+    data_dir: Path | None = flag(
+        "--data-dir",
+        type=Path,
+        entry="dali",
+        help="TFRecord layout: train/, validation/, idx_files/ (or an image folder tree with --data-format folder)",
+    )
+    data_format: str = flag(
+        "--data-format", choices=["tfrecord", "folder"], default="tfrecord", entry="dali", help="what --data-dir holds"
+    )
+    dali_device: str = flag(
+        "--dali-device",
+        choices=["gpu", "cpu"],
+        default="gpu",
+        entry="dali",
+        help="gpu: decode and augment on the GPU; cpu: the whole pipeline on CPU",
+    )
+    dali_threads: int = flag(
+        "--dali-threads",
+        type=non_negative_int,
+        default=0,
+        entry="dali",
+        help="DALI CPU threads per rank (0: this rank's share of the node's cores, at most 8)",
+    )
+    dali_prefetch: int = flag(
+        "--dali-prefetch", type=positive_int, default=2, entry="dali", help="DALI prefetch queue depth"
+    )
+    label_offset: str = flag(
+        "--label-offset",
+        choices=["auto", "0", "1"],
+        default="auto",
+        entry="dali",
+        help="subtract this from TFRecord labels; auto: 1 when labels start at 1",
+    )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """model and loss"""
-    model: str = flag("--model", "-a", "--arch", default="resnet50",
-                      help="any torchvision classification model, or cifar_resnet8/14/20/32/44/56/110 (He et al.'s "
-                           "ResNets for small images)")
-    pretrained: bool = flag("--pretrained", action="store_true", default=False,
-                            help="start from torchvision's trained weights (from the torch hub cache; the classifier "
-                                 "stays fresh when --num-classes differs)")
+
+    model: str = flag(
+        "--model",
+        "-a",
+        "--arch",
+        default="resnet50",
+        help="any torchvision classification model, or cifar_resnet8/14/20/32/44/56/110 (He et al.'s "
+        "ResNets for small images)",
+    )
+    pretrained: bool = flag(
+        "--pretrained",
+        action="store_true",
+        default=False,
+        help="start from torchvision's trained weights (from the torch hub cache; the classifier "
+        "stays fresh when --num-classes differs)",
+    )
     # The original trainer's default.
-    label_smoothing: float = flag("--label-smoothing", type=non_negative_float, default=0.1,
-                                  help="label smoothing of the cross-entropy loss")
+    label_smoothing: float = flag(
+        "--label-smoothing", type=non_negative_float, default=0.1, help="label smoothing of the cross-entropy loss"
+    )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """optimizer"""
+
     # The original trainer's defaults: SGD, weight decay on every parameter.
     base_op: str = flag("--base-op", choices=["sgd", "lars", "lamb"], default="sgd", help="the optimizer")
     momentum: float = flag("--momentum", type=non_negative_float, default=0.9, help="momentum (below 1)")
     wd: float = flag("--wd", "--weight-decay", type=non_negative_float, default=5e-5, help="weight decay")
     epsilon: float = flag("--epsilon", type=non_negative_float, default=1e-5, help="LARS/LAMB epsilon")
     lars_eta: float = flag("--lars-eta", type=positive_float, default=0.001, help="LARS trust coefficient")
-    trust_clip: float | None = flag("--trust-clip", type=positive_float,
-                                    help="cap on the LARS/LAMB trust ratio (default: none)")
-    bn_bias_separately: bool = flag("--bn-bias-separately", kind=SWITCH, default=False,
-                                    help="no weight decay and no trust ratio for normalisation weights and biases")
+    trust_clip: float | None = flag(
+        "--trust-clip", type=positive_float, help="cap on the LARS/LAMB trust ratio (default: none)"
+    )
+    bn_bias_separately: bool = flag(
+        "--bn-bias-separately",
+        kind=SWITCH,
+        default=False,
+        help="no weight decay and no trust ratio for normalisation weights and biases",
+    )
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     """batch and schedule"""
-    batch_size: int = flag("--batch-size", "-b", "--b", type=positive_int, default=32,
-                           help="training images per process per micro-batch")
-    batches_per_allreduce: int = flag("--batches-per-allreduce", type=positive_int, default=1,
-                                      help="micro-batches accumulated per optimizer step")
+
+    batch_size: int = flag(
+        "--batch-size", "-b", "--b", type=positive_int, default=32, help="training images per process per micro-batch"
+    )
+    batches_per_allreduce: int = flag(
+        "--batches-per-allreduce", type=positive_int, default=1, help="micro-batches accumulated per optimizer step"
+    )
     epochs: int = flag("--epochs", type=positive_int, default=90, help="epochs to train")
-    base_lr: float = flag("--base-lr", type=positive_float, default=0.0125,
-                          help="peak learning rate, before --lr-scaling")
-    lr_scaling: str = flag("--lr-scaling", choices=["keep", "linear", "sqrt"], default="keep",
-                           help="scale --base-lr by processes x batches-per-allreduce (linear) or its square root")
-    lr_schedule: str = flag("--lr-schedule", choices=["poly", "cosine", "step"], default="poly",
-                            help="decay after the warmup")
-    lr_power: float | None = flag("--lr-power", type=positive_float,
-                                  help="poly schedule exponent (default: 2 with --base-op lars, else 1, as in the "
-                                       "original trainer)")
-    end_lr: float = flag("--end-lr", type=non_negative_float, default=0.0,
-                         help="the rate poly and cosine decay to")
-    lr_decay_epochs: tuple[float, ...] = flag("--lr-decay-epochs", type=_epochs_list, default=(30.0, 60.0, 80.0),
-                                              metavar="E1,E2,...",
-                                              help="step schedule: epochs at which the rate drops 10x")
-    warmup_epochs: float = flag("--warmup-epochs", type=non_negative_float, default=5.0,
-                                help="linear warmup from 0 to the peak rate, in epochs")
+    base_lr: float = flag(
+        "--base-lr", type=positive_float, default=0.0125, help="peak learning rate, before --lr-scaling"
+    )
+    lr_scaling: str = flag(
+        "--lr-scaling",
+        choices=["keep", "linear", "sqrt"],
+        default="keep",
+        help="scale --base-lr by processes x batches-per-allreduce (linear) or its square root",
+    )
+    lr_schedule: str = flag(
+        "--lr-schedule", choices=["poly", "cosine", "step"], default="poly", help="decay after the warmup"
+    )
+    lr_power: float | None = flag(
+        "--lr-power",
+        type=positive_float,
+        help="poly schedule exponent (default: 2 with --base-op lars, else 1, as in the original trainer)",
+    )
+    end_lr: float = flag("--end-lr", type=non_negative_float, default=0.0, help="the rate poly and cosine decay to")
+    lr_decay_epochs: tuple[float, ...] = flag(
+        "--lr-decay-epochs",
+        type=_epochs_list,
+        default=(30.0, 60.0, 80.0),
+        metavar="E1,E2,...",
+        help="step schedule: epochs at which the rate drops 10x",
+    )
+    warmup_epochs: float = flag(
+        "--warmup-epochs", type=non_negative_float, default=5.0, help="linear warmup from 0 to the peak rate, in epochs"
+    )
 
     def lr(self, world_size: int) -> float:
         """The peak learning rate after --lr-scaling for this many processes."""
@@ -237,54 +329,100 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class NumericsConfig:
     """numerics and performance"""
-    precision: str | None = flag("--precision", choices=["fp32", "amp", "amp-bf16", "fp16", "bf16"],
-                                 help="fp32 (the default); amp: autocast fp16 + loss scaling; amp-bf16; fp16/bf16: "
-                                      "the whole model")
-    opt_level: str | None = flag("--opt-level", choices=["O0", "O1", "O2", "O3"],
-                                 help="Apex's levels: O0 fp32, O1 amp, O2 fp16 model + fp32 master weights, O3 pure fp16")
+
+    precision: str | None = flag(
+        "--precision",
+        choices=["fp32", "amp", "amp-bf16", "fp16", "bf16"],
+        help="fp32 (the default); amp: autocast fp16 + loss scaling; amp-bf16; fp16/bf16: the whole model",
+    )
+    opt_level: str | None = flag(
+        "--opt-level",
+        choices=["O0", "O1", "O2", "O3"],
+        help="Apex's levels: O0 fp32, O1 amp, O2 fp16 model + fp32 master weights, O3 pure fp16",
+    )
     # Apex writes --keep-batchnorm-fp32 True; a bare flag and --no-... work too.
-    keep_batchnorm_fp32: bool | None = flag("--keep-batchnorm-fp32", kind=VALUE_BOOL,
-                                            help="batch norm in fp32 under O2/O3/fp16/bf16 (default: on for O2, off "
-                                                 "for O3)")
+    keep_batchnorm_fp32: bool | None = flag(
+        "--keep-batchnorm-fp32",
+        kind=VALUE_BOOL,
+        help="batch norm in fp32 under O2/O3/fp16/bf16 (default: on for O2, off for O3)",
+    )
     loss_scale: str | None = flag("--loss-scale", help="'dynamic' or a fixed number (fp16 levels only)")
     channels_last: bool = flag("--channels-last", kind=VALUE_BOOL, default=False, help="NHWC model and inputs")
-    sync_bn: bool = flag("--sync-bn", "--sync_bn", kind=SWITCH, default=False,
-                         help="batch norm statistics across all ranks (GPUs)")
-    deterministic: bool = flag("--deterministic", kind=SWITCH, default=False,
-                               help="deterministic algorithms: two runs with the same flags give identical checkpoints")
-    compile: str | None = flag("--compile", nargs="?", const="default", metavar="MODE",
-                               choices=["default", "reduce-overhead", "max-autotune"],
-                               help="torch.compile the model's training forward pass; MODE: default, "
-                                    "reduce-overhead (CUDA graphs) or max-autotune (default: eager)")
-    threads: int | None = flag("--threads", type=positive_int, metavar="N",
-                               help="CPU threads per process for PyTorch's operations (default: OMP_NUM_THREADS as "
-                                    "set, even above the core count, where PyTorch alone would cap it)")
-    no_cuda: bool = flag("--no-cuda", action="store_true", default=False,
-                         help="train on CPU even where a GPU is present")
-    policy: Policy = derived("precision.Policy, resolved once from --precision, --opt-level, "
-                             "--keep-batchnorm-fp32 and --loss-scale", saved=False)
+    sync_bn: bool = flag(
+        "--sync-bn", "--sync_bn", kind=SWITCH, default=False, help="batch norm statistics across all ranks (GPUs)"
+    )
+    deterministic: bool = flag(
+        "--deterministic",
+        kind=SWITCH,
+        default=False,
+        help="deterministic algorithms: two runs with the same flags give identical checkpoints",
+    )
+    compile: str | None = flag(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile the model's training forward pass; MODE: default, "
+        "reduce-overhead (CUDA graphs) or max-autotune (default: eager)",
+    )
+    threads: int | None = flag(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads per process for PyTorch's operations (default: OMP_NUM_THREADS as "
+        "set, even above the core count, where PyTorch alone would cap it)",
+    )
+    no_cuda: bool = flag(
+        "--no-cuda", action="store_true", default=False, help="train on CPU even where a GPU is present"
+    )
+    policy: Policy = derived(
+        "precision.Policy, resolved once from --precision, --opt-level, --keep-batchnorm-fp32 and --loss-scale",
+        saved=False,
+    )
 
 
 @dataclass(frozen=True)
 class DistConfig:
     """distribution"""
-    engine: str = flag("--engine", choices=["auto", "horovod", "torch"], default="auto",
-                       help="auto: torch under torchrun, Horovod under mpirun/horovodrun/srun where it imports, "
-                            "else torch")
-    fp16_allreduce: bool = flag("--fp16-allreduce", kind=SWITCH, default=False,
-                                help="compress gradients to fp16 for allreduce")
-    bf16_allreduce: bool = flag("--bf16-allreduce", kind=SWITCH, default=False,
-                                help="compress gradients to bf16 for allreduce (fp32's range, fewer digits; torch engine)")
-    use_adasum: bool = flag("--use-adasum", kind=SWITCH, default=False,
-                            help="Adasum instead of averaging (Horovod engine)")
-    gradient_predivide_factor: float = flag("--gradient-predivide-factor", type=positive_float, default=1.0,
-                                            help="divide gradients by this before the allreduce and by size/this "
-                                                 "after")
-    enable_model_parallel: bool = flag("--enable-model-parallel", action="store_true", default=False,
-                                       help="split the final linear layer (the classifier) across the processes")
-    model_parallel_dim: int | None = flag("--model-parallel-dim", type=int, choices=[-1, 0, 1],
-                                          help="with --enable-model-parallel: 1 (or -1, TorchShard's last dim) splits "
-                                               "the output classes, 0 the input features (default: 1)")
+
+    engine: str = flag(
+        "--engine",
+        choices=["auto", "horovod", "torch"],
+        default="auto",
+        help="auto: torch under torchrun, Horovod under mpirun/horovodrun/srun where it imports, else torch",
+    )
+    fp16_allreduce: bool = flag(
+        "--fp16-allreduce", kind=SWITCH, default=False, help="compress gradients to fp16 for allreduce"
+    )
+    bf16_allreduce: bool = flag(
+        "--bf16-allreduce",
+        kind=SWITCH,
+        default=False,
+        help="compress gradients to bf16 for allreduce (fp32's range, fewer digits; torch engine)",
+    )
+    use_adasum: bool = flag(
+        "--use-adasum", kind=SWITCH, default=False, help="Adasum instead of averaging (Horovod engine)"
+    )
+    gradient_predivide_factor: float = flag(
+        "--gradient-predivide-factor",
+        type=positive_float,
+        default=1.0,
+        help="divide gradients by this before the allreduce and by size/this after",
+    )
+    enable_model_parallel: bool = flag(
+        "--enable-model-parallel",
+        action="store_true",
+        default=False,
+        help="split the final linear layer (the classifier) across the processes",
+    )
+    model_parallel_dim: int | None = flag(
+        "--model-parallel-dim",
+        type=int,
+        choices=[-1, 0, 1],
+        help="with --enable-model-parallel: 1 (or -1, TorchShard's last dim) splits "
+        "the output classes, 0 the input features (default: 1)",
+    )
 
     @property
     def compression(self) -> torch.dtype | None:
@@ -297,42 +435,81 @@ class DistConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """run directory and output"""
-    log_dir: Path = flag("--log-dir", type=Path, default=Path("./logs"),
-                         help="the run directory: TensorBoard events, checkpoints, status")
-    resume: str = flag("--resume", default="auto",
-                       help="auto: continue from the newest checkpoint in --log-dir; none: start fresh; or a file")
-    checkpoint_format: str = flag("--checkpoint-format", default="checkpoint-{epoch}.pth.tar",
-                                  help="file name in the run directory; {epoch} and {step} are filled in")
-    checkpoint_every: int = flag("--checkpoint-every", type=non_negative_int, default=0,
-                                 help="also checkpoint every N optimizer steps (0: only at epoch ends)")
-    keep_checkpoints: int = flag("--keep-checkpoints", type=positive_int, default=3,
-                                 help="how many checkpoints to keep")
-    evaluate: bool = flag("--evaluate", "-e", action="store_true", default=False,
-                          help="only validate: the --resume PATH checkpoint, else the newest in --log-dir (or, with "
-                               "--pretrained and no checkpoint, torchvision's weights); writes nothing")
+
+    log_dir: Path = flag(
+        "--log-dir",
+        type=Path,
+        default=Path("./logs"),
+        help="the run directory: TensorBoard events, checkpoints, status",
+    )
+    resume: str = flag(
+        "--resume",
+        default="auto",
+        help="auto: continue from the newest checkpoint in --log-dir; none: start fresh; or a file",
+    )
+    checkpoint_format: str = flag(
+        "--checkpoint-format",
+        default="checkpoint-{epoch}.pth.tar",
+        help="file name in the run directory; {epoch} and {step} are filled in",
+    )
+    checkpoint_every: int = flag(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=0,
+        help="also checkpoint every N optimizer steps (0: only at epoch ends)",
+    )
+    keep_checkpoints: int = flag(
+        "--keep-checkpoints", type=positive_int, default=3, help="how many checkpoints to keep"
+    )
+    evaluate: bool = flag(
+        "--evaluate",
+        "-e",
+        action="store_true",
+        default=False,
+        help="only validate: the --resume PATH checkpoint, else the newest in --log-dir (or, with "
+        "--pretrained and no checkpoint, torchvision's weights); writes nothing",
+    )
     seed: int = flag("--seed", type=int, default=42, help="seed of the weights, the data order and the augmentation")
-    max_nonfinite_steps: int = flag("--max-nonfinite-steps", type=non_negative_int, default=0, metavar="N",
-                                    help="stop the run (status 'failed', exit 3) once more than N optimizer steps had "
-                                         "an inf or NaN loss; steps that loss scaling skipped do not count")
-    print_freq: int = flag("--print-freq", "-p", type=positive_int, default=10,
-                           help="optimizer steps between log updates")
-    progress: str = flag("--progress", choices=["auto", "bar", "lines"], default="auto",
-                         help="console progress: a bar on a terminal, lines in a batch log")
+    max_nonfinite_steps: int = flag(
+        "--max-nonfinite-steps",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="stop the run (status 'failed', exit 3) once more than N optimizer steps had "
+        "an inf or NaN loss; steps that loss scaling skipped do not count",
+    )
+    print_freq: int = flag(
+        "--print-freq", "-p", type=positive_int, default=10, help="optimizer steps between log updates"
+    )
+    progress: str = flag(
+        "--progress",
+        choices=["auto", "bar", "lines"],
+        default="auto",
+        help="console progress: a bar on a terminal, lines in a batch log",
+    )
     entry: str = derived("the entry script: folder (pytorch_imagenet_resnet.py) or dali (..._dali.py)")
 
 
 @dataclass(frozen=True)
 class ProfileConfig:
     """profiling"""
-    prof: int = flag("--prof", type=non_negative_int, default=0, metavar="N",
-                     help="profile N steps after a warm-up with torch.profiler, then stop")
-    timeline: bool = flag("--timeline", kind=SWITCH, default=False,
-                          help="with --prof: also write Horovod's timeline of the collectives")
+
+    prof: int = flag(
+        "--prof",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="profile N steps after a warm-up with torch.profiler, then stop",
+    )
+    timeline: bool = flag(
+        "--timeline", kind=SWITCH, default=False, help="with --prof: also write Horovod's timeline of the collectives"
+    )
 
 
 @dataclass(frozen=True)
 class Config:
     """The parsed command line, one sub-config per concern."""
+
     data: DataConfig
     dali: DaliConfig | None
     model: ModelConfig
@@ -359,8 +536,16 @@ class Config:
 
 
 GROUPS: dict[str, type] = {
-    "data": DataConfig, "dali": DaliConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-    "numerics": NumericsConfig, "dist": DistConfig, "run": RunConfig, "profile": ProfileConfig}
+    "data": DataConfig,
+    "dali": DaliConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "numerics": NumericsConfig,
+    "dist": DistConfig,
+    "run": RunConfig,
+    "profile": ProfileConfig,
+}
 
 
 def _groups(cfg: Config) -> list:
@@ -370,7 +555,7 @@ def _groups(cfg: Config) -> list:
 def _check_declarations() -> None:
     """Every field of every group is a flag or derived, and no two declare one name."""
     seen: set[str] = set()
-    for name, cls in GROUPS.items():
+    for cls in GROUPS.values():
         for f in dataclasses.fields(cls):
             if "names" not in f.metadata and "derived" not in f.metadata:
                 raise TypeError(f"config.{cls.__name__}.{f.name} is neither a flag(...) nor derived(...)")
@@ -384,6 +569,7 @@ _check_declarations()
 
 # --- the parser ------------------------------------------------------------------------------------
 
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Each flag's help line with its default once: added where the help does not already
     say it, and not for flags without a value to show (None, False)."""
@@ -391,9 +577,14 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (default is None or default is False or default == argparse.SUPPRESS or "default" in text
-                or action.option_strings == []
-                or isinstance(action, argparse._StoreTrueAction)):
+        if (
+            default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or "default" in text
+            or action.option_strings == []
+            or isinstance(action, argparse._StoreTrueAction)
+        ):
             return text
         shown = ",".join(f"{x:g}" for x in default) if isinstance(default, tuple) else default
         return f"{text} (default: {shown})"
@@ -402,9 +593,12 @@ class _HelpFormatter(argparse.HelpFormatter):
 def build_parser(entry: str) -> argparse.ArgumentParser:
     # allow_abbrev=False: with abbreviations, the LARS trainer's --lr-decay 30 60 80 was taken
     # as our --lr-decay-epochs (one value) and failed; every short spelling is an explicit alias.
-    p = Parser(prog=f"pytorch_imagenet_resnet{'_dali' if entry == 'dali' else ''}.py",
-               description="Large-batch data-parallel ImageNet training with Horovod or torch.distributed.",
-               formatter_class=_HelpFormatter, allow_abbrev=False)
+    p = Parser(
+        prog=f"pytorch_imagenet_resnet{'_dali' if entry == 'dali' else ''}.py",
+        description="Large-batch data-parallel ImageNet training with Horovod or torch.distributed.",
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
     for name, cls in GROUPS.items():
         if name == "dali" and entry != "dali":
             continue
@@ -414,21 +608,22 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
             if "names" in meta and meta["entry"] in (None, entry):
                 _add(group, f.name, meta)
     # torch.distributed.launch passes this; the engine reads LOCAL_RANK from the environment.
-    p.add_argument("--local-rank", "--local_rank", dest="ignored_local_rank", type=int, default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--local-rank", "--local_rank", dest="ignored_local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )
     legacy_flags.add_arguments(p, entry)
     return p
 
 
 def _add(group, dest: str, meta) -> None:
-    names, kwargs = meta["names"], {"dest": dest, "default": meta["default"], "help": meta["help"],
-                                    **meta["argparse"]}
+    names, kwargs = meta["names"], {"dest": dest, "default": meta["default"], "help": meta["help"], **meta["argparse"]}
     if meta["kind"] == SWITCH:
         group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
     elif meta["kind"] == VALUE_BOOL:
         group.add_argument(*names, nargs="?", const=True, type=_bool_word, metavar="True|False", **kwargs)
-        group.add_argument("--no-" + names[0][2:], dest=dest, action="store_false", default=meta["default"],
-                           help=argparse.SUPPRESS)
+        group.add_argument(
+            "--no-" + names[0][2:], dest=dest, action="store_false", default=meta["default"], help=argparse.SUPPRESS
+        )
     else:
         group.add_argument(*names, **kwargs)
 
@@ -459,9 +654,11 @@ def parse_config(argv: list[str] | None, entry: str = "folder") -> Config:
     if values["model_parallel_dim"] is None:
         values["model_parallel_dim"] = 1
     from .precision import resolve_policy  # torch: only once the flags have parsed
+
     try:
-        values["policy"] = resolve_policy(values["precision"], values["opt_level"], values["keep_batchnorm_fp32"],
-                                          values["loss_scale"])
+        values["policy"] = resolve_policy(
+            values["precision"], values["opt_level"], values["keep_batchnorm_fp32"], values["loss_scale"]
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
     values["entry"] = entry
@@ -499,8 +696,10 @@ def _validate(cfg: Config) -> None:
     if data.crop_scale[1] > 1:
         raise UsageError(f"--crop-scale upper bound must be at most 1, got {data.crop_scale[1]:g}")
     if data.image_size < MIN_IMAGE_SIZE:
-        raise UsageError(f"--image-size {data.image_size} is below {MIN_IMAGE_SIZE}: too small to hold an image's "
-                         f"shape (a ResNet's stem divides it by 4), the run would train to chance")
+        raise UsageError(
+            f"--image-size {data.image_size} is below {MIN_IMAGE_SIZE}: too small to hold an image's "
+            f"shape (a ResNet's stem divides it by 4), the run would train to chance"
+        )
     if data.val_resize < data.image_size:
         raise UsageError(f"--val-resize {data.val_resize} is smaller than --image-size {data.image_size}")
     if schedule.warmup_epochs >= schedule.epochs and schedule.lr_schedule != "step":
@@ -517,8 +716,10 @@ def _validate(cfg: Config) -> None:
         raise UsageError(f"--label-smoothing must be below 1, got {cfg.model.label_smoothing:g}")
     name = run.checkpoint_format.removeprefix("./")
     if "{epoch" not in name or "/" in name or "\\" in name or name.startswith("."):
-        raise UsageError(f"--checkpoint-format {run.checkpoint_format!r}: must be a file name in the run "
-                         f"directory containing {{epoch}}, without a path or a leading dot, e.g. checkpoint-{{epoch}}.pth.tar")
+        raise UsageError(
+            f"--checkpoint-format {run.checkpoint_format!r}: must be a file name in the run "
+            f"directory containing {{epoch}}, without a path or a leading dot, e.g. checkpoint-{{epoch}}.pth.tar"
+        )
     try:
         run.checkpoint_format.format(epoch=0, step=0)
     except (KeyError, IndexError, ValueError) as e:
@@ -529,12 +730,16 @@ def _validate(cfg: Config) -> None:
         raise UsageError("--timeline goes with --prof N")
     if cfg.dist.enable_model_parallel:
         if cfg.dist.use_adasum:
-            raise UsageError("--use-adasum cannot be combined with --enable-model-parallel "
-                             "(the sharded classifier needs the backbone's gradients averaged)")
+            raise UsageError(
+                "--use-adasum cannot be combined with --enable-model-parallel "
+                "(the sharded classifier needs the backbone's gradients averaged)"
+            )
         if cfg.numerics.policy.loss_scale is not None:
-            raise UsageError(f"--enable-model-parallel does not support loss scaling ({cfg.numerics.policy.name}): "
-                             f"the ranks would have to agree on overflows in their classifier slices; "
-                             f"use fp32, amp-bf16 or bf16")
+            raise UsageError(
+                f"--enable-model-parallel does not support loss scaling ({cfg.numerics.policy.name}): "
+                f"the ranks would have to agree on overflows in their classifier slices; "
+                f"use fp32, amp-bf16 or bf16"
+            )
     _validate_model_name(cfg.model.model)
 
 

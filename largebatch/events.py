@@ -5,6 +5,7 @@ CRC of it, the payload, a 4-byte CRC of the payload. tensorboardX ships the prot
 classes, so no TensorFlow or TensorBoard install is needed to read them; without
 tensorboardX, the ``tensorboard`` package's copies of the same classes serve.
 """
+
 from __future__ import annotations
 
 import struct

@@ -26,14 +26,16 @@ writers that are no longer alive on this host and leave alone those of another h
 it cannot check, on a shared file system. Names of the previous checkpoint writer
 (``.<name>.tmp<pid>``, no host) are taken to be this host's.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -71,8 +73,13 @@ def _mode_of(*paths: Path | None) -> int | None:
     return None
 
 
-def atomic_write(path: Path, write_fn: Callable[..., T], fsync: bool = True,
-                 verify: Callable[[Path], None] | None = None, mode_like: Path | None = None) -> T:
+def atomic_write(
+    path: Path,
+    write_fn: Callable[..., T],
+    fsync: bool = True,
+    verify: Callable[[Path], None] | None = None,
+    mode_like: Path | None = None,
+) -> T:
     path = Path(path)
     tmp = temp_path(path)
     tmp.unlink(missing_ok=True)  # ours by name (host and pid): a leftover, or a planted link

@@ -5,6 +5,7 @@ the run directory, the input, the training state (model, optimizer with the engi
 gradient averaging, schedule, precision), then either the checkpoint's state or rank 0's
 fresh weights, then the loop.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ from . import checkpoint
 from .argparsing import UsageError
 from .config import Config
 from .data import Input
-from .files import atomic_write, clean_stale_temps, create_new
 from .engines import Engine, choose, init_engine, launcher_rank
+from .files import atomic_write, clean_stale_temps, create_new
 from .logs import Board, Console
 from .model import build_model, check_input
 from .parallel import build_classifier
@@ -33,7 +34,6 @@ from .runlock import RunLock
 from .state import Position, TrainState
 from .stop import StopRequest
 from .train import Hooks, evaluate, train
-
 
 DIVERGED = 3  # exit status of a run stopped by non-finite losses (2: bad input, 1: other failures)
 # The loop's results that fail the run (status.json "failed"), with their exit statuses.
@@ -57,32 +57,50 @@ def run_on(engine: Engine, cfg: Config, stop: StopRequest) -> int:
     lock = prepare_run_dir(cfg.run.log_dir, engine)  # held until the run ends (or the process dies)
     data = build_input(cfg, engine, device)
     console = Console(engine.is_main, cfg.run.progress)
-    console.config({**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(engine.size)},
-                   world=f"{engine.size} process(es), {engine.name} engine, device {device}, global batch "
-                         f"{cfg.schedule.batch_size * cfg.schedule.batches_per_allreduce * engine.size}")
+    console.config(
+        {**cfg.to_dict(), "num_classes": data.num_classes, "lr (scaled)": cfg.lr(engine.size)},
+        world=f"{engine.size} process(es), {engine.name} engine, device {device}, global batch "
+        f"{cfg.schedule.batch_size * cfg.schedule.batches_per_allreduce * engine.size}",
+    )
 
     configure_determinism(cfg.numerics.deterministic, cfg.run.seed + engine.rank)
-    state = build_state(cfg, engine, device, data.num_classes, data.batches_per_epoch // cfg.schedule.batches_per_allreduce,
-                        model=initial_model(cfg, engine, data.num_classes))
+    state = build_state(
+        cfg,
+        engine,
+        device,
+        data.num_classes,
+        data.batches_per_epoch // cfg.schedule.batches_per_allreduce,
+        model=initial_model(cfg, engine, data.num_classes),
+    )
     data = state.classifier.input(data, cfg.data.image_size, device)
     torch.manual_seed(cfg.run.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
     state.start(read_checkpoint(cfg, engine))
     if state.position.epoch >= cfg.schedule.epochs:
-        console.print(f"{cfg.run.log_dir} already finished its {cfg.schedule.epochs} epochs; nothing to do "
-                      f"(a new run needs a new --log-dir)")
+        console.print(
+            f"{cfg.run.log_dir} already finished its {cfg.schedule.epochs} epochs; nothing to do "
+            f"(a new run needs a new --log-dir)"
+        )
         return 0
 
     step = state.position.step
     board = Board(cfg.run.log_dir, engine.is_main, purge_step=step + 1 if step else None)
-    profiler = StepProfiler(cfg.profile.prof, cfg.run.log_dir / "profile", engine.rank, device, engine, cfg.profile.timeline)
+    profiler = StepProfiler(
+        cfg.profile.prof, cfg.run.log_dir / "profile", engine.rank, device, engine, cfg.profile.timeline
+    )
     result = train(state, data, cfg, Hooks(console, board, stop, profiler, saver(cfg, board)))
     if result == "profiled":
         console.print(f"profiled {cfg.profile.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
     if engine.is_main:
         # After a divergence, the checkpoint to go back to: the newest finite one.
-        write_status(cfg.run.log_dir, "failed" if result in EXIT_STATUS else result, state.position,
-                     checkpoints(cfg).latest(finite_only=result == "diverged"))
-        console.print(f"{result}: run directory {cfg.run.log_dir} (TensorBoard: tensorboard --logdir {cfg.run.log_dir})")
+        write_status(
+            cfg.run.log_dir,
+            "failed" if result in EXIT_STATUS else result,
+            state.position,
+            checkpoints(cfg).latest(finite_only=result == "diverged"),
+        )
+        console.print(
+            f"{result}: run directory {cfg.run.log_dir} (TensorBoard: tensorboard --logdir {cfg.run.log_dir})"
+        )
     board.close()
     if lock is not None:
         lock.release()
@@ -100,24 +118,36 @@ def run_evaluation(cfg: Config, engine: Engine, device: torch.device) -> int:
     console = Console(engine.is_main, cfg.run.progress)
     found = on_rank_0(engine, lambda: find_weights(cfg, data.num_classes), name="evaluate_check")
     configure_determinism(cfg.numerics.deterministic, cfg.run.seed + engine.rank)
-    state = build_state(cfg, engine, device, data.num_classes,
-                        max(1, data.batches_per_epoch // cfg.schedule.batches_per_allreduce),
-                        model=initial_model(cfg, engine, data.num_classes))
+    state = build_state(
+        cfg,
+        engine,
+        device,
+        data.num_classes,
+        max(1, data.batches_per_epoch // cfg.schedule.batches_per_allreduce),
+        model=initial_model(cfg, engine, data.num_classes),
+    )
     # Only the weights: the optimizer and schedule of the flags given need not match the run's.
     path, ckpt = found if found else (None, None)
     weights = state.classifier.scatter_state(
         {"model": ckpt["model"], "optimizer": {"state": {}, "param_groups": []}} if ckpt else None,
-        state.model, state.optimizer)
+        state.model,
+        state.optimizer,
+    )
     if weights is None:
         state.start(None)  # rank 0's (pretrained) weights on every rank
         source = f"torchvision's pretrained {cfg.model.model}"
     else:
         state.model.load_state_dict(weights["model"])
-        source = str(engine.broadcast_object(path and f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})",
-                                             name="evaluate_source"))
+        source = str(
+            engine.broadcast_object(
+                path and f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})", name="evaluate_source"
+            )
+        )
     val = evaluate(state, state.classifier.input(data, cfg.data.image_size, device).val())
-    console.print(f"evaluated {source} on {engine.size} process(es): val loss {val['loss']:.4f} "
-                  f"top1 {val['top1']:.2f} top5 {val['top5']:.2f} ({val['count']} images)")
+    console.print(
+        f"evaluated {source} on {engine.size} process(es): val loss {val['loss']:.4f} "
+        f"top1 {val['top1']:.2f} top5 {val['top5']:.2f} ({val['count']} images)"
+    )
     return 0
 
 
@@ -127,19 +157,25 @@ def find_weights(cfg: Config, num_classes: int) -> tuple[Path, dict] | None:
         path = Path(cfg.run.resume)
         found = path, checkpoint.load(path)
     else:
-        found = (checkpoints(cfg, read_only=True).load_newest(finite_only=True)
-                 if cfg.run.resume == "auto" and cfg.run.log_dir.is_dir() else None)
+        found = (
+            checkpoints(cfg, read_only=True).load_newest(finite_only=True)
+            if cfg.run.resume == "auto" and cfg.run.log_dir.is_dir()
+            else None
+        )
     if found is None:
         if cfg.model.pretrained:
             return None
-        raise UsageError(f"--evaluate: no checkpoint in --log-dir {cfg.run.log_dir}; give --resume PATH "
-                         f"(or --pretrained for torchvision's weights)")
+        raise UsageError(
+            f"--evaluate: no checkpoint in --log-dir {cfg.run.log_dir}; give --resume PATH "
+            f"(or --pretrained for torchvision's weights)"
+        )
     path, state = found
     saved = state.get("args", {})
     for key, now in (("model", cfg.model.model), ("num_classes", num_classes)):
         if saved.get(key) is not None and saved[key] != now:
-            raise UsageError(f"--evaluate: {path} holds a {key.replace('_', ' ')} {saved[key]} model, "
-                             f"this command line builds {now}")
+            raise UsageError(
+                f"--evaluate: {path} holds a {key.replace('_', ' ')} {saved[key]} model, this command line builds {now}"
+            )
     return found
 
 
@@ -149,38 +185,64 @@ def initial_model(cfg: Config, engine: Engine, num_classes: int) -> torch.nn.Mod
     if not cfg.model.pretrained:
         return None
     torch.manual_seed(cfg.run.seed)  # a classifier that does not fit the weights starts as a fresh one would
-    return on_every_rank(engine, lambda: build_model(cfg.model.model, num_classes, pretrained=True),
-                         name="pretrained_check")
+    return on_every_rank(
+        engine, lambda: build_model(cfg.model.model, num_classes, pretrained=True), name="pretrained_check"
+    )
 
 
-def build_state(cfg: Config, engine: Engine, device: torch.device, num_classes: int, steps_per_epoch: int,
-                model: torch.nn.Module | None = None) -> TrainState:
+def build_state(
+    cfg: Config,
+    engine: Engine,
+    device: torch.device,
+    num_classes: int,
+    steps_per_epoch: int,
+    model: torch.nn.Module | None = None,
+) -> TrainState:
     """The model (``model``, or ``cfg.model.model`` built fresh), its classifier split or not,
     precision, the optimizer with the engine's gradient averaging, and the schedule. Every
     rank builds the same initial weights (same seed); ``TrainState.start`` then makes them
     rank 0's or the checkpoint's."""
-    classifier = build_classifier(engine, num_classes, cfg.model.label_smoothing, cfg.dist.enable_model_parallel,
-                                  cfg.dist.model_parallel_dim)
+    classifier = build_classifier(
+        engine, num_classes, cfg.model.label_smoothing, cfg.dist.enable_model_parallel, cfg.dist.model_parallel_dim
+    )
     if model is None:
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model.model, num_classes)
-        check_input(model, cfg.model.model, cfg.data.image_size, cfg.schedule.batch_size,
-                    shared_bn=cfg.numerics.sync_bn and engine.size > 1)
+        check_input(
+            model,
+            cfg.model.model,
+            cfg.data.image_size,
+            cfg.schedule.batch_size,
+            shared_bn=cfg.numerics.sync_bn and engine.size > 1,
+        )
     model = classifier.convert(model)  # before .to(device): the dense layer never reaches the GPU
     if cfg.numerics.sync_bn:
         model = engine.sync_batchnorm(model)
     precision = Precision(device, cfg.numerics.policy, cfg.numerics.channels_last)
     model = precision.prepare(model.to(device))
-    gradients = engine.gradients(build_optimizer(cfg, model, cfg.lr(engine.size)), model,
-                                 micro_batches=cfg.schedule.batches_per_allreduce, compression=cfg.dist.compression,
-                                 adasum=cfg.dist.use_adasum, predivide=cfg.dist.gradient_predivide_factor,
-                                 exclude=classifier.owned(model))
+    gradients = engine.gradients(
+        build_optimizer(cfg, model, cfg.lr(engine.size)),
+        model,
+        micro_batches=cfg.schedule.batches_per_allreduce,
+        compression=cfg.dist.compression,
+        adasum=cfg.dist.use_adasum,
+        predivide=cfg.dist.gradient_predivide_factor,
+        exclude=classifier.owned(model),
+    )
     optimizer = gradients.optimizer
     classifier.attach(optimizer, model)
     if cfg.numerics.compile:
         compile_forward(gradients, cfg.numerics.compile)
-    return TrainState(engine, model, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch), precision,
-                      classifier, gradients, args=cfg.to_dict())
+    return TrainState(
+        engine,
+        model,
+        optimizer,
+        build_scheduler(cfg, optimizer, steps_per_epoch),
+        precision,
+        classifier,
+        gradients,
+        args=cfg.to_dict(),
+    )
 
 
 def compile_forward(gradients, mode: str) -> None:
@@ -213,8 +275,11 @@ def saver(cfg: Config, board: Board):
                 write_status(cfg.run.log_dir, "running", state.position, path)
                 board.flush()
             except OSError as e:
-                problem = str(e) if isinstance(e, checkpoint.CheckpointWriteError) else \
-                    f"cannot write to {cfg.run.log_dir}: {e.strerror or e}"
+                problem = (
+                    str(e)
+                    if isinstance(e, checkpoint.CheckpointWriteError)
+                    else f"cannot write to {cfg.run.log_dir}: {e.strerror or e}"
+                )
         problem = state.engine.broadcast_object(problem, name="save_check")
         if problem:
             raise checkpoint.CheckpointWriteError(None, problem)
@@ -233,9 +298,11 @@ def start_engine(cfg: Config) -> Engine:
     if note and launcher_rank() == 0:
         print(note, flush=True)
     engine = init_engine(name, timeline=cfg.profile.timeline, use_gpu=not cfg.numerics.no_cuda)
-    for flag, feature, wanted in (("--use-adasum", "adasum", cfg.dist.use_adasum),
-                                  ("--timeline", "timeline", cfg.profile.timeline),
-                                  ("--bf16-allreduce", "bf16_allreduce", cfg.dist.bf16_allreduce)):
+    for flag, feature, wanted in (
+        ("--use-adasum", "adasum", cfg.dist.use_adasum),
+        ("--timeline", "timeline", cfg.profile.timeline),
+        ("--bf16-allreduce", "bf16_allreduce", cfg.dist.bf16_allreduce),
+    ):
         if wanted and feature not in engine.features:
             other = "torch" if engine.name == "horovod" else "Horovod"
             engine.close()
@@ -248,8 +315,9 @@ def pick_device(cfg: Config, engine: Engine) -> torch.device:
         policy = cfg.numerics.policy
         if policy.needs_gpu:
             why = "--no-cuda was given" if cfg.numerics.no_cuda else "no CUDA GPU is visible"
-            raise UsageError(f"{policy.name} computes in fp16, which needs a GPU, but {why}; "
-                             f"on CPU use --precision amp-bf16 or bf16")
+            raise UsageError(
+                f"{policy.name} computes in fp16, which needs a GPU, but {why}; on CPU use --precision amp-bf16 or bf16"
+            )
         if cfg.numerics.sync_bn:
             raise UsageError("--sync-bn needs GPUs (both engines' SyncBatchNorm runs on CUDA tensors only)")
         return torch.device("cpu")
@@ -289,6 +357,7 @@ def prepare_run_dir(log_dir: Path, engine: Engine) -> RunLock | None:
     """On rank 0: create the run directory, prove it writable, hold it for this run (a lock
     a second run is refused by) and remove temporary files of killed writers. Every rank
     learns of a problem. Returns rank 0's lock (None elsewhere), held until the process ends."""
+
     def claim() -> RunLock:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -308,14 +377,18 @@ def prepare_run_dir(log_dir: Path, engine: Engine) -> RunLock | None:
 
 def build_input(cfg: Config, engine: Engine, device: torch.device) -> Input:
     """Every rank opens the data; a problem found by any rank stops all of them."""
+
     def open_input():
         if cfg.data.synthetic:
             from .data.synthetic import SyntheticInput
+
             return SyntheticInput(cfg, engine.rank, engine.size, device)
         if cfg.run.entry == "dali":
             from .data.dali import DaliInput
+
             return DaliInput(cfg, engine.rank, engine.size, device)
         from .data.folder import FolderInput
+
         return FolderInput(cfg, engine.rank, engine.size, device)
 
     return on_every_rank(engine, open_input, name="data_check")
@@ -352,12 +425,25 @@ def on_every_rank(engine: Engine, work, name: str):
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     if cfg.optim.base_op == "lars":
-        return lars.create_optimizer_lars(model, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd,
-                                          bn_bias_separately=cfg.optim.bn_bias_separately, epsilon=cfg.optim.epsilon,
-                                          eta=cfg.optim.lars_eta, trust_clip=cfg.optim.trust_clip)
+        return lars.create_optimizer_lars(
+            model,
+            lr=lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.wd,
+            bn_bias_separately=cfg.optim.bn_bias_separately,
+            epsilon=cfg.optim.epsilon,
+            eta=cfg.optim.lars_eta,
+            trust_clip=cfg.optim.trust_clip,
+        )
     if cfg.optim.base_op == "lamb":
-        return lars.create_optimizer_lamb(model, lr=lr, weight_decay=cfg.optim.wd, bn_bias_separately=cfg.optim.bn_bias_separately,
-                                          epsilon=cfg.optim.epsilon, trust_clip=cfg.optim.trust_clip)
+        return lars.create_optimizer_lamb(
+            model,
+            lr=lr,
+            weight_decay=cfg.optim.wd,
+            bn_bias_separately=cfg.optim.bn_bias_separately,
+            epsilon=cfg.optim.epsilon,
+            trust_clip=cfg.optim.trust_clip,
+        )
     groups = lars.param_groups(model, cfg.optim.wd, cfg.optim.bn_bias_separately)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd)
 
@@ -366,8 +452,9 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
     total = cfg.schedule.epochs * steps_per_epoch
     if cfg.schedule.lr_schedule == "poly":
-        return schedulers.PolynomialWarmup(optimizer, decay_steps=total, warmup_steps=warmup,
-                                           end_lr=cfg.schedule.end_lr, power=cfg.schedule.lr_power)
+        return schedulers.PolynomialWarmup(
+            optimizer, decay_steps=total, warmup_steps=warmup, end_lr=cfg.schedule.end_lr, power=cfg.schedule.lr_power
+        )
     if cfg.schedule.lr_schedule == "cosine":
         return schedulers.CosineWarmup(optimizer, decay_steps=total, warmup_steps=warmup, end_lr=cfg.schedule.end_lr)
     milestones = [math.ceil(e * steps_per_epoch) for e in cfg.schedule.lr_decay_epochs]
@@ -375,16 +462,19 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
 
 
 def checkpoints(cfg: Config, read_only: bool = False) -> checkpoint.Checkpoints:
-    return checkpoint.Checkpoints(cfg.run.log_dir, cfg.run.checkpoint_format, cfg.run.keep_checkpoints,
-                                  read_only=read_only)
+    return checkpoint.Checkpoints(
+        cfg.run.log_dir, cfg.run.checkpoint_format, cfg.run.keep_checkpoints, read_only=read_only
+    )
 
 
 def find_checkpoint(cfg: Config, world_size: int) -> dict | None:
     store = checkpoints(cfg)
     if cfg.run.resume == "none":
         if store.latest() is not None:
-            raise UsageError(f"--log-dir {cfg.run.log_dir} already holds checkpoints ({store.latest().name}); "
-                             f"use --resume auto to continue that run, or a new --log-dir")
+            raise UsageError(
+                f"--log-dir {cfg.run.log_dir} already holds checkpoints ({store.latest().name}); "
+                f"use --resume auto to continue that run, or a new --log-dir"
+            )
         return None
     if cfg.run.resume == "auto":
         # Skips damaged and non-finite files (one warning each): a run that diverged goes
@@ -413,8 +503,10 @@ def refuse_restart(log_dir: Path) -> None:
 
     state, step = run_state(log_dir)
     if step > 0:
-        raise UsageError(f"--log-dir {log_dir}: status.json says the run reached step {step} ({state}), but none of "
-                         f"its checkpoints is there; restore them, pass --resume PATH, or use a new --log-dir")
+        raise UsageError(
+            f"--log-dir {log_dir}: status.json says the run reached step {step} ({state}), but none of "
+            f"its checkpoints is there; restore them, pass --resume PATH, or use a new --log-dir"
+        )
 
 
 def write_status(log_dir: Path, state: str, pos: Position, latest: Path | None) -> None:

@@ -30,6 +30,7 @@ into 1: each rank writes its status into a directory of the wrapper's own, named
 
 This module imports nothing heavy, so it is in place at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,13 +51,14 @@ EXIT_DIR = "LARGEBATCH_EXIT_DIR"  # cli.report_exit writes rank-N there
 
 
 def launcher_kind(cmd: list[str]) -> str:
-    """"usr1" (signal the launcher with SIGUSR1), "term" (with SIGTERM: torchrun) or "tree"
+    """ "usr1" (signal the launcher with SIGUSR1), "term" (with SIGTERM: torchrun) or "tree"
     (SIGUSR1 to every process of the launcher's tree that catches it)."""
     name = Path(cmd[0]).name
     if name in FORWARD_AS_USR1:
         return "usr1"
-    if name == "torchrun" or (name.startswith("python") and len(cmd) > 2 and cmd[1] == "-m"
-                              and cmd[2] in TORCHRUN_MODULES):
+    if name == "torchrun" or (
+        name.startswith("python") and len(cmd) > 2 and cmd[1] == "-m" and cmd[2] in TORCHRUN_MODULES
+    ):
         return "term"
     return "tree"
 
@@ -107,8 +109,8 @@ class Launcher:
         self.cmd, self.kind = cmd, launcher_kind(cmd)
         self.proc: subprocess.Popen | None = None
         self.stop_asked: float | None = None  # time.time() of the first stop request
-        self.pending: list[int] = []          # signals that arrived before the launcher started
-        self.delivered = False                # "tree": some process caught the request
+        self.pending: list[int] = []  # signals that arrived before the launcher started
+        self.delivered = False  # "tree": some process caught the request
         self.exits = Path(tempfile.mkdtemp(prefix="largebatch-exit-"))  # the ranks' own statuses
 
     def start(self) -> None:
@@ -116,8 +118,9 @@ class Launcher:
             signal.signal(sig, self._on_signal)
         # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground process group)
         # reaches only this wrapper, which turns it into a stop the launcher understands.
-        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, EXIT_DIR: str(self.exits)})
+        self.proc = subprocess.Popen(
+            self.cmd, start_new_session=True, stdin=subprocess.DEVNULL, env={**os.environ, EXIT_DIR: str(self.exits)}
+        )
         for sig in self.pending:
             self._forward(sig)
 
@@ -133,8 +136,12 @@ class Launcher:
             self.stop_asked = time.time()
         how = {"usr1": "SIGUSR1", "term": "SIGTERM", "tree": "SIGUSR1 to the processes that catch it"}[self.kind]
         if first:
-            print(f"{PROG}: {signal.Signals(signum).name}: asking {Path(self.cmd[0]).name} (pid {self.proc.pid}) "
-                  f"to checkpoint and stop ({how})", file=sys.stderr, flush=True)
+            print(
+                f"{PROG}: {signal.Signals(signum).name}: asking {Path(self.cmd[0]).name} (pid {self.proc.pid}) "
+                f"to checkpoint and stop ({how})",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             if self.kind == "usr1":
                 self.proc.send_signal(signal.SIGUSR1)

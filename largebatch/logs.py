@@ -2,6 +2,7 @@
 TensorBoard event files (tensorboardX, else ``torch.utils.tensorboard`` where the
 ``tensorboard`` package is installed, else none). Other ranks get silent stand-ins, so
 the loop never asks who it is before it logs."""
+
 from __future__ import annotations
 
 import sys
@@ -33,14 +34,23 @@ class Console:
         self._epoch, self._epochs, self._steps = epoch, epochs, steps
         if self.enabled and self.bar_mode:
             from tqdm import tqdm
-            self._bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
-                             dynamic_ncols=True, leave=False, file=sys.stderr)
+
+            self._bar = tqdm(
+                total=steps,
+                initial=done,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                dynamic_ncols=True,
+                leave=False,
+                file=sys.stderr,
+            )
 
     def progress(self, done: int, stats: dict) -> None:
         if not self.enabled:
             return
-        text = (f"loss {stats['loss']:.4f} top1 {stats['top1']:.2f} lr {stats['lr']:.4g} "
-                f"img/s {stats['images_per_sec']:.1f}")
+        text = (
+            f"loss {stats['loss']:.4f} top1 {stats['top1']:.2f} lr {stats['lr']:.4g} "
+            f"img/s {stats['images_per_sec']:.1f}"
+        )
         if self._bar is not None:
             self._bar.n = done
             self._bar.set_postfix_str(text, refresh=True)
@@ -60,11 +70,13 @@ def summary_writer_class():
     (a bare GPU machine's PyTorch often has that and not tensorboardX)."""
     try:
         from tensorboardX import SummaryWriter
+
         return SummaryWriter, "tensorboardX"
     except ImportError:
         pass
     try:
         from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter, "torch.utils.tensorboard"
     except ImportError:
         return None, "neither tensorboardX nor tensorboard is installed"
@@ -80,8 +92,11 @@ class Board:
         if enabled:
             writer_class, self.source = summary_writer_class()
             if writer_class is None:
-                print(f"note: no TensorBoard event files for this run ({self.source}; "
-                      f"pip install tensorboardX or tensorboard to get them)", flush=True)
+                print(
+                    f"note: no TensorBoard event files for this run ({self.source}; "
+                    f"pip install tensorboardX or tensorboard to get them)",
+                    flush=True,
+                )
             else:
                 # purge_step drops events a resumed run is about to write again
                 self.writer = writer_class(str(log_dir), purge_step=purge_step)
@@ -96,8 +111,14 @@ class Board:
             return
         r = ratios.detach().float().cpu()
         self.writer.add_histogram("lars/trust_ratio", r.numpy(), step)
-        self.scalars(step, {"lars/trust_min": r.min().item(), "lars/trust_median": r.median().item(),
-                            "lars/trust_max": r.max().item()})
+        self.scalars(
+            step,
+            {
+                "lars/trust_min": r.min().item(),
+                "lars/trust_median": r.median().item(),
+                "lars/trust_max": r.max().item(),
+            },
+        )
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -3,6 +3,7 @@
 The sums stay on the device between reductions, so the training step never waits for
 the host; a reduction (one allreduce of four numbers and a flag per step) happens only when someone reads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,7 @@ def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[tor
     kmax = min(max(ks), logits.size(1))
     top = logits.topk(kmax, dim=1).indices
     hit = top.eq(target.unsqueeze(1))
-    return [hit[:, :min(k, kmax)].any(dim=1).sum() for k in ks]
+    return [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
 
 
 class Meter:
@@ -30,8 +31,14 @@ class Meter:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         top1, top5 = self.hits(logits.detach(), target)
         n = target.numel()
-        self.sums[:4] += torch.stack([loss.detach().double() * n, top1.double(), top5.double(),
-                                      torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+        self.sums[:4] += torch.stack(
+            [
+                loss.detach().double() * n,
+                top1.double(),
+                top5.double(),
+                torch.tensor(float(n), dtype=torch.float64, device=self.sums.device),
+            ]
+        )
 
     def add_step(self, nonfinite: torch.Tensor) -> None:
         """One optimizer step: ``nonfinite`` (on the device: no sync) is 1 if it was taken
@@ -50,5 +57,10 @@ class Meter:
         self.sums.zero_()
         self.steps = []
         d = max(n, 1.0)  # an empty interval reports zeros (and a count of 0), not a division by zero
-        return {"loss": loss / d, "top1": 100 * top1 / d, "top5": 100 * top5 / d, "count": int(n),
-                "nonfinite_steps": nonfinite}
+        return {
+            "loss": loss / d,
+            "top1": 100 * top1 / d,
+            "top5": 100 * top5 / d,
+            "count": int(n),
+            "nonfinite_steps": nonfinite,
+        }

@@ -1,5 +1,6 @@
 """The network: any torchvision classification model, built by name, and the checks of what
 it can be fed that are cheaper at start than as a traceback at the first step."""
+
 from __future__ import annotations
 
 import socket
@@ -12,8 +13,10 @@ from . import small_resnet
 from .argparsing import UsageError
 
 # Models whose training-mode output carries auxiliary heads; the job wants plain logits.
-_NO_AUX = {"googlenet": {"aux_logits": False, "init_weights": True},
-           "inception_v3": {"aux_logits": False, "init_weights": True}}
+_NO_AUX = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
@@ -50,8 +53,10 @@ def load_pretrained(model: torch.nn.Module, name: str, timeout: float = 30.0) ->
             torch.hub.download_url_to_file(url, str(path), progress=False)
         except Exception as e:  # any failure to fetch means the same to the user
             reason = (str(e).splitlines() or [type(e).__name__])[0]
-            raise UsageError(f"--pretrained: torchvision's {name} weights are not in {path.parent} and cannot be "
-                             f"downloaded ({reason}); copy {url} there (or set TORCH_HOME)") from None
+            raise UsageError(
+                f"--pretrained: torchvision's {name} weights are not in {path.parent} and cannot be "
+                f"downloaded ({reason}); copy {url} there (or set TORCH_HOME)"
+            ) from None
         finally:
             socket.setdefaulttimeout(previous)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -71,8 +76,10 @@ def check_input(model: torch.nn.Module, name: str, image_size: int, batch_size: 
     (pooling shrinks the image to nothing, or a ViT's fixed size). The size is tried with one
     image in eval mode, which changes nothing in the model (not even batch norm statistics)."""
     if batch_size == 1 and has_batchnorm(model) and not shared_bn:
-        raise UsageError(f"--batch-size 1 cannot train {name}: its batch norm layers need at least 2 images per "
-                         f"batch; use --batch-size 2 or more")
+        raise UsageError(
+            f"--batch-size 1 cannot train {name}: its batch norm layers need at least 2 images per "
+            f"batch; use --batch-size 2 or more"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -83,7 +90,9 @@ def check_input(model: torch.nn.Module, name: str, image_size: int, batch_size: 
     except (RuntimeError, ValueError, AssertionError) as e:
         lines = str(e).strip().splitlines()
         reason = lines[0].strip() if lines else type(e).__name__
-        raise UsageError(f"--model {name} cannot take --image-size {image_size} images ({reason[:200]}); "
-                         f"choose another --image-size or --model") from None
+        raise UsageError(
+            f"--model {name} cannot take --image-size {image_size} images ({reason[:200]}); "
+            f"choose another --image-size or --model"
+        ) from None
     finally:
         model.train(was_training)

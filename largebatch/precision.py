@@ -19,6 +19,7 @@ skipped on every rank (the averaged gradients are identical, so all ranks agree)
 scale is lowered; the optimizer never sees scaled gradients, so LARS's trust ratio does not
 depend on the scale.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,9 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass(frozen=True)
 class Policy:
     name: str
-    autocast: torch.dtype | None = None    # dtype of autocast regions (O1, amp-bf16)
+    autocast: torch.dtype | None = None  # dtype of autocast regions (O1, amp-bf16)
     cast_model: torch.dtype | None = None  # dtype the forward pass computes in (O2, O3, bf16)
-    master_weights: bool = False           # O2: parameters stay fp32, forward runs on a cast copy
+    master_weights: bool = False  # O2: parameters stay fp32, forward runs on a cast copy
     keep_bn_fp32: bool = True
     loss_scale: str | float | None = None  # "dynamic", a fixed number, or None
 
@@ -60,8 +61,9 @@ PRECISIONS = {
 }
 
 
-def resolve_policy(precision: str | None, opt_level: str | None, keep_bn_fp32: bool | None,
-                   loss_scale: str | None) -> Policy:
+def resolve_policy(
+    precision: str | None, opt_level: str | None, keep_bn_fp32: bool | None, loss_scale: str | None
+) -> Policy:
     """The policy the flags ask for; raises ValueError with a one-line reason."""
     if precision and opt_level:
         raise ValueError("give --precision or --opt-level, not both")
@@ -144,9 +146,12 @@ class Precision:
         dtype = self.policy.cast_model
         if dtype is None:
             return model
-        keep = {f"{m_name}.{p_name}".lstrip(".")
-                for m_name, m in model.named_modules() if _is_norm(m) and self.policy.keep_bn_fp32
-                for p_name, _ in m.named_parameters(recurse=False)}
+        keep = {
+            f"{m_name}.{p_name}".lstrip(".")
+            for m_name, m in model.named_modules()
+            if _is_norm(m) and self.policy.keep_bn_fp32
+            for p_name, _ in m.named_parameters(recurse=False)
+        }
         if self.policy.master_weights:
             # By identity, not name: the forward pass may run through an engine's wrapper
             # (DDP), whose parameter names carry a prefix.
@@ -162,9 +167,9 @@ class Precision:
             return model
         for m in model.modules():
             if not (_is_norm(m) and self.policy.keep_bn_fp32):
-                for name, p in m.named_parameters(recurse=False):
+                for p in m.parameters(recurse=False):
                     p.data = p.data.to(dtype)
-                for name, b in m.named_buffers(recurse=False):
+                for b in m.buffers(recurse=False):
                     if b.is_floating_point():
                         b.data = b.data.to(dtype)
         return model

@@ -5,6 +5,7 @@ The trace (`<log-dir>/profile/rank<R>.*.pt.trace.json`) opens in TensorBoard's p
 plugin or in Perfetto (ui.perfetto.dev). On a GPU each step is also an NVTX range, for
 Nsight Systems. With --timeline, Horovod's timeline of the same steps is written beside it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,8 @@ class StepProfiler:
             self.profiler = torch.profiler.profile(
                 activities=activities,
                 schedule=torch.profiler.schedule(wait=WAIT, warmup=WARMUP, active=steps, repeat=1),
-                on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out_dir), worker_name=f"rank{rank}"))
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out_dir), worker_name=f"rank{rank}"),
+            )
             self.profiler.start()
             self._nvtx_push()
 

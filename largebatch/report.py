@@ -19,6 +19,7 @@ their own in the summary (mean and standard deviation over those runs).
 The x axis is epochs when every run logged an epoch end (runs with different batch sizes
 then line up), optimizer steps otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ from .events import histogram_tags, read_scalars, wall_time_spans
 @dataclass(frozen=True)
 class Series:
     tag: str
-    name: str       # shown in the legend after the run's label ("" for a figure's only series)
+    name: str  # shown in the legend after the run's label ("" for a figure's only series)
     style: str = "-"
 
 
@@ -50,14 +51,27 @@ class Panel:
 
 FIGURES: dict[str, tuple[Panel, ...]] = {
     "loss": (Panel("loss", (Series("train/loss", "train"), Series("val/loss", "val", "--"))),),
-    "accuracy": (Panel("top-1 (%)", (Series("val/top1", "val"), Series("train/top1", "train", ":"))),
-                 Panel("top-5 (%)", (Series("val/top5", "val"),))),
+    "accuracy": (
+        Panel("top-1 (%)", (Series("val/top1", "val"), Series("train/top1", "train", ":"))),
+        Panel("top-5 (%)", (Series("val/top5", "val"),)),
+    ),
     "lr": (Panel("learning rate", (Series("train/lr", ""),)),),
     "throughput": (Panel("images/s", (Series("train/images_per_sec", ""),)),),
-    "trust_ratio": (Panel("trust ratio", (Series("lars/trust_median", "median"), Series("lars/trust_min", "min", ":"),
-                                          Series("lars/trust_max", "max", "--")), log=True),),
-    "loss_scale": (Panel("loss scale", (Series("train/loss_scale", ""),), log=True),
-                   Panel("skipped steps", (Series("train/skipped_steps", ""),))),
+    "trust_ratio": (
+        Panel(
+            "trust ratio",
+            (
+                Series("lars/trust_median", "median"),
+                Series("lars/trust_min", "min", ":"),
+                Series("lars/trust_max", "max", "--"),
+            ),
+            log=True,
+        ),
+    ),
+    "loss_scale": (
+        Panel("loss scale", (Series("train/loss_scale", ""),), log=True),
+        Panel("skipped steps", (Series("train/skipped_steps", ""),)),
+    ),
 }
 
 
@@ -66,8 +80,8 @@ class Run:
     path: Path
     label: str
     scalars: dict[str, list[tuple[int, float]]]
-    seconds: float                 # time training: the sum of each job start's span of events
-    state: str                     # from status.json: running, stopped, finished (or unknown)
+    seconds: float  # time training: the sum of each job start's span of events
+    state: str  # from status.json: running, stopped, finished (or unknown)
     histograms: set[str] = field(default_factory=set)
 
     @property
@@ -108,6 +122,7 @@ def load_run(path: Path, label: str | None = None) -> Run:
 
 # --- plots ---------------------------------------------------------------------------------
 
+
 def _groups(runs: list[Run]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -128,6 +143,7 @@ def plot(runs: list[Run], panels: tuple[Panel, ...], path: Path, x: str, title: 
     if not any(r.scalars.get(s.tag) for p in panels for s in p.series for r in runs):
         return False
     import matplotlib
+
     matplotlib.use("Agg")  # files only: no display on a login or compute node
     import matplotlib.pyplot as plt
 
@@ -166,17 +182,22 @@ def plot(runs: list[Run], panels: tuple[Panel, ...], path: Path, x: str, title: 
 
 # --- summary -------------------------------------------------------------------------------
 
+
 def summarize(run: Run) -> dict:
     val = run.scalars.get("val/top1", [])
     best_step, best = max(val, key=lambda p: p[1]) if val else (None, None)
     spe = run.steps_per_epoch
     rates = [v for _, v in run.scalars.get("train/images_per_sec", [])]
     return {
-        "run": str(run.path), "label": run.label, "state": run.state,
+        "run": str(run.path),
+        "label": run.label,
+        "state": run.state,
         "epochs": round(run.last("epoch")) if run.last("epoch") is not None else 0,
         "steps": max((p[-1][0] for p in run.scalars.values() if p), default=0),
-        "best_val_top1": best, "best_epoch": round(best_step / spe) if best_step is not None and spe else None,
-        "final_val_top1": run.last("val/top1"), "final_val_top5": run.last("val/top5"),
+        "best_val_top1": best,
+        "best_epoch": round(best_step / spe) if best_step is not None and spe else None,
+        "final_val_top1": run.last("val/top1"),
+        "final_val_top5": run.last("val/top5"),
         "final_train_loss": run.last("train/loss"),
         "seconds": round(run.seconds, 1),
         # the median resists the first report of each epoch, which includes loader start-up
@@ -193,13 +214,18 @@ def summarize_groups(summaries: list[dict]) -> list[dict]:
     for label, members in groups.items():
         final = [s["final_val_top1"] for s in members if s["final_val_top1"] is not None]
         best = [s["best_val_top1"] for s in members if s["best_val_top1"] is not None]
-        out.append({"label": label, "runs": len(members),
-                     "final_val_top1_mean": statistics.fmean(final) if final else None,
-                     "final_val_top1_std": statistics.stdev(final) if len(final) > 1 else 0.0 if final else None,
-                     "final_val_top1_min": min(final) if final else None,
-                     "final_val_top1_max": max(final) if final else None,
-                     "best_val_top1_mean": statistics.fmean(best) if best else None,
-                     "seconds_mean": statistics.fmean(s["seconds"] for s in members)})
+        out.append(
+            {
+                "label": label,
+                "runs": len(members),
+                "final_val_top1_mean": statistics.fmean(final) if final else None,
+                "final_val_top1_std": statistics.stdev(final) if len(final) > 1 else 0.0 if final else None,
+                "final_val_top1_min": min(final) if final else None,
+                "final_val_top1_max": max(final) if final else None,
+                "best_val_top1_mean": statistics.fmean(best) if best else None,
+                "seconds_mean": statistics.fmean(s["seconds"] for s in members),
+            }
+        )
     return out
 
 
@@ -213,28 +239,36 @@ def duration(seconds: float) -> str:
 
 
 def markdown(summaries: list[dict]) -> str:
-    lines = ["| run | state | epochs | steps | best val top-1 (epoch) | final val top-1 | final val top-5 "
-             "| final train loss | time | images/s (median) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| run | state | epochs | steps | best val top-1 (epoch) | final val top-1 | final val top-5 "
+        "| final train loss | time | images/s (median) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for s in summaries:
         best = f"{_num(s['best_val_top1'])} ({s['best_epoch']})" if s["best_epoch"] else _num(s["best_val_top1"])
         name = Path(s["run"]).name
         shown = name if s["label"] == name else f"{s['label']} ({name})"
-        lines.append(f"| {shown} | {s['state']} "
-                     f"| {s['epochs']} | {s['steps']} | {best} | {_num(s['final_val_top1'])} "
-                     f"| {_num(s['final_val_top5'])} | {_num(s['final_train_loss'], '.4f')} "
-                     f"| {duration(s['seconds'])} | {_num(s['median_images_per_sec'], '.1f')} |")
+        lines.append(
+            f"| {shown} | {s['state']} "
+            f"| {s['epochs']} | {s['steps']} | {best} | {_num(s['final_val_top1'])} "
+            f"| {_num(s['final_val_top5'])} | {_num(s['final_train_loss'], '.4f')} "
+            f"| {duration(s['seconds'])} | {_num(s['median_images_per_sec'], '.1f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def markdown_groups(groups: list[dict]) -> str:
-    lines = ["| label | runs | final val top-1, mean ± std | min - max | best val top-1, mean | time, mean |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| label | runs | final val top-1, mean ± std | min - max | best val top-1, mean | time, mean |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for g in groups:
-        lines.append(f"| {g['label']} | {g['runs']} | {_num(g['final_val_top1_mean'])} ± "
-                     f"{_num(g['final_val_top1_std'])} | {_num(g['final_val_top1_min'])} - "
-                     f"{_num(g['final_val_top1_max'])} | {_num(g['best_val_top1_mean'])} "
-                     f"| {duration(g['seconds_mean'])} |")
+        lines.append(
+            f"| {g['label']} | {g['runs']} | {_num(g['final_val_top1_mean'])} ± "
+            f"{_num(g['final_val_top1_std'])} | {_num(g['final_val_top1_min'])} - "
+            f"{_num(g['final_val_top1_max'])} | {_num(g['best_val_top1_mean'])} "
+            f"| {duration(g['seconds_mean'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -258,12 +292,23 @@ def write_report(runs: list[Run], out: Path, x: str | None = None) -> tuple[list
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m largebatch.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a run's --log-dir")
-    p.add_argument("--out", type=Path, default=None,
-                   help="where the PNGs and summary.md go (default RUN_DIR/report for a single run)")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated, one per RUN_DIR; equal labels are drawn as mean and min-max band")
-    p.add_argument("--x", choices=["epoch", "step"], default=None,
-                   help="x axis (default: epoch when every run has finished one, else step)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where the PNGs and summary.md go (default RUN_DIR/report for a single run)",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated, one per RUN_DIR; equal labels are drawn as mean and min-max band",
+    )
+    p.add_argument(
+        "--x",
+        choices=["epoch", "step"],
+        default=None,
+        help="x axis (default: epoch when every run has finished one, else step)",
+    )
     args = p.parse_args(argv)
     if args.out is None:
         if len(args.runs) > 1:
@@ -272,8 +317,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.labels is not None:
         args.labels = [label.strip() for label in args.labels.split(",")]
         if len(args.labels) != len(args.runs) or not all(args.labels):
-            raise UsageError(f"--labels needs one non-empty label per run directory "
-                             f"({len(args.runs)}), got {len(args.labels)}")
+            raise UsageError(
+                f"--labels needs one non-empty label per run directory ({len(args.runs)}), got {len(args.labels)}"
+            )
     return args
 
 

@@ -28,6 +28,7 @@ the file drops them. So the holder must not open the lock file again, and a seco
 ``RunLock`` on the same directory in the same process (which the kernel would grant) is
 refused here by a per-process registry.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,16 +36,16 @@ import fcntl
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from .argparsing import UsageError
 from .files import host
 
 LOCK_NAME = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
-_HELD: dict[str, "RunLock"] = {}  # realpath of the run directory -> its lock, in this process
+_HELD: dict[str, RunLock] = {}  # realpath of the run directory -> its lock, in this process
 
 
 class RunDirInUse(UsageError):
@@ -60,7 +61,7 @@ class RunLock:
         self.info: dict | None = None  # what the lock file says while this process holds it
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         key = os.path.realpath(self.run_dir)
         if key in _HELD:
             raise RunDirInUse(self._in_use(_HELD[key].info))
@@ -70,10 +71,13 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise UsageError(f"--log-dir {self.run_dir}: its lock file {self.path} is a symbolic link; "
-                                 f"remove the link (the run never writes through one)") from None
-            raise UsageError(f"--log-dir {self.run_dir}: cannot create its lock file {self.path} "
-                             f"({e.strerror or e})") from None
+                raise UsageError(
+                    f"--log-dir {self.run_dir}: its lock file {self.path} is a symbolic link; "
+                    f"remove the link (the run never writes through one)"
+                ) from None
+            raise UsageError(
+                f"--log-dir {self.run_dir}: cannot create its lock file {self.path} ({e.strerror or e})"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -81,12 +85,17 @@ class RunLock:
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 raise RunDirInUse(self._in_use(read_holder(self.path))) from None
             if e.errno in _UNSUPPORTED:
-                self.warn(f"warning: cannot lock --log-dir {self.run_dir} ({e.strerror}): its file system does "
-                          f"not support locks, so nothing stops a second run from using it at the same time")
+                self.warn(
+                    f"warning: cannot lock --log-dir {self.run_dir} ({e.strerror}): its file system does "
+                    f"not support locks, so nothing stops a second run from using it at the same time"
+                )
                 return self
             raise UsageError(f"--log-dir {self.run_dir}: cannot lock {self.path} ({e.strerror or e})") from None
-        self.info = {"host": host(), "pid": os.getpid(),
-                     "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+        self.info = {
+            "host": host(),
+            "pid": os.getpid(),
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         # Written through the locked descriptor: reopening the file would drop the lock.
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(self.info) + "\n").encode(), 0)
@@ -105,7 +114,7 @@ class RunLock:
             os.close(self._fd)
             self._fd, self.held = None, False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -114,8 +123,10 @@ class RunLock:
     def _in_use(self, info: dict | None) -> str:
         if not info:
             return f"--log-dir {self.run_dir} is in use by another run (its lock file {self.path} names no holder)"
-        return (f"--log-dir {self.run_dir} is in use by a run on host {info.get('host', '?')}, "
-                f"pid {info.get('pid', '?')}, started {info.get('started', '?')}")
+        return (
+            f"--log-dir {self.run_dir} is in use by a run on host {info.get('host', '?')}, "
+            f"pid {info.get('pid', '?')}, started {info.get('started', '?')}"
+        )
 
 
 def read_holder(path: Path) -> dict | None:

@@ -8,6 +8,7 @@ channels at the end): on 16-pixel images they are 20x the cost for no accuracy, 
 need hundreds of runs on a CPU (bench/convergence.py) use these. Built from torchvision's own
 BasicBlock, with its initialisation (He normal for convolutions, BN weights 1 and biases 0).
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,7 @@ class CifarResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         stages, channels = [], width
         for stage in range(3):
-            out = width * 2 ** stage
+            out = width * 2**stage
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
                 down = None

@@ -15,6 +15,7 @@ else builds or takes apart a checkpoint dict. Its keys:
 
 Only plain types and tensors go in, so it loads with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,8 +27,8 @@ VERSION = 1
 
 @dataclass
 class Position:
-    epoch: int = 0       # epochs completed
-    step: int = 0        # optimizer steps completed
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
     epoch_step: int = 0  # steps completed within `epoch`
 
 
@@ -37,9 +38,9 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    precision: object          # precision.Precision
-    classifier: object         # parallel.DenseClassifier or ShardedClassifier
-    gradients: object          # engines.Gradients: how this step's gradients are averaged
+    precision: object  # precision.Precision
+    classifier: object  # parallel.DenseClassifier or ShardedClassifier
+    gradients: object  # engines.Gradients: how this step's gradients are averaged
     args: dict = field(default_factory=dict)
     position: Position = field(default_factory=Position)
 
@@ -52,16 +53,27 @@ class TrainState:
         engine = self.engine
         rng = engine.allgather_object(torch.get_rng_state(), name="rng")
         buffers = engine.allgather_object(
-            {k: v.cpu() for k, v in self.model.named_buffers() if v.is_floating_point()}, name="buffers")
+            {k: v.cpu() for k, v in self.model.named_buffers() if v.is_floating_point()}, name="buffers"
+        )
         model_state, optimizer_state = self.classifier.gather_state(self.model, self.optimizer)
         if not engine.is_main:
             return None
         pos = self.position
-        return {"model": model_state, "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict(),
-                "epoch": pos.epoch, "step": pos.step, "epoch_step": pos.epoch_step,
-                "rng": rng, "rank_buffers": buffers,
-                "world_size": engine.size, "engine": engine.name, "args": self.args, "version": VERSION}
+        return {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.state_dict(),
+            "epoch": pos.epoch,
+            "step": pos.step,
+            "epoch_step": pos.epoch_step,
+            "rng": rng,
+            "rank_buffers": buffers,
+            "world_size": engine.size,
+            "engine": engine.name,
+            "args": self.args,
+            "version": VERSION,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's part of a checkpoint (its slice of a sharded classifier). RNG and

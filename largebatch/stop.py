@@ -6,6 +6,7 @@ checkpoint and leave together, so no rank is left waiting in a collective.
 
 The handlers go in before anything slow is imported (see cli.py): a scheduler's warning that
 arrives while torch is still loading must not kill the process (USR1's default action)."""
+
 from __future__ import annotations
 
 import os

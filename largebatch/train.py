@@ -4,11 +4,12 @@ Everything it uses arrives as an argument (see ``job.py`` for how it is built): 
 training state, the input, the config and the hooks to the outside world. It reads no
 globals and asks no engine- or feature-specific questions.
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -21,11 +22,12 @@ from .state import TrainState
 @dataclass
 class Hooks:
     """What the loop reports to and listens to."""
-    console: object                                  # logs.Console
-    board: object                                    # logs.Board (TensorBoard)
-    stop: object                                     # stop.StopRequest
-    profiler: object                                 # profiling.StepProfiler
-    save: Callable[[TrainState, bool], None]         # save(state, epoch_end): a collective
+
+    console: object  # logs.Console
+    board: object  # logs.Board (TensorBoard)
+    stop: object  # stop.StopRequest
+    profiler: object  # profiling.StepProfiler
+    save: Callable[[TrainState, bool], None]  # save(state, epoch_end): a collective
 
 
 def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
@@ -59,35 +61,50 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
                 nonfinite_steps += stats["nonfinite_steps"]
                 images.trained += stats["count"]
                 if nonfinite_steps > cfg.run.max_nonfinite_steps:
-                    hooks.console.end_epoch(f"stopped: the loss was not finite in {nonfinite_steps} optimizer "
-                                            f"step(s) up to step {pos.step} (--max-nonfinite-steps "
-                                            f"{cfg.run.max_nonfinite_steps}); the run diverged, its last finite "
-                                            f"checkpoint is kept")
+                    hooks.console.end_epoch(
+                        f"stopped: the loss was not finite in {nonfinite_steps} optimizer "
+                        f"step(s) up to step {pos.step} (--max-nonfinite-steps "
+                        f"{cfg.run.max_nonfinite_steps}); the run diverged, its last finite "
+                        f"checkpoint is kept"
+                    )
                     return "diverged"
                 if hooks.stop.agreed(engine):
                     hooks.save(state, False)
-                    hooks.console.end_epoch(f"stopped by {hooks.stop.reason} at epoch {epoch + 1} step "
-                                            f"{pos.epoch_step}; checkpoint written, resume with --resume auto")
+                    hooks.console.end_epoch(
+                        f"stopped by {hooks.stop.reason} at epoch {epoch + 1} step "
+                        f"{pos.epoch_step}; checkpoint written, resume with --resume auto"
+                    )
                     return "stopped"
-            if cfg.run.checkpoint_every and pos.step % cfg.run.checkpoint_every == 0 and pos.epoch_step < steps_per_epoch:
+            if (
+                cfg.run.checkpoint_every
+                and pos.step % cfg.run.checkpoint_every == 0
+                and pos.epoch_step < steps_per_epoch
+            ):
                 hooks.save(state, False)
         batches.close()
         if images.starved():  # no epoch of it is validated or saved
-            hooks.console.end_epoch(f"stopped: epoch {epoch + 1} trained on {images.trained} of the {images.expected} "
-                                    f"images it read; the rest were unreadable (see the warnings): fix or remove "
-                                    f"them, then --resume auto continues from the last checkpoint")
+            hooks.console.end_epoch(
+                f"stopped: epoch {epoch + 1} trained on {images.trained} of the {images.expected} "
+                f"images it read; the rest were unreadable (see the warnings): fix or remove "
+                f"them, then --resume auto continues from the last checkpoint"
+            )
             return "unreadable"
         engine.average_buffers(state.model)  # one set of BN statistics for validation and the checkpoint
         val = evaluate(state, data.val())
-        hooks.board.scalars(pos.step, {"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
-                                       "epoch": epoch + 1})
+        hooks.board.scalars(
+            pos.step, {"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"], "epoch": epoch + 1}
+        )
         pos.epoch, pos.epoch_step = epoch + 1, 0
         hooks.save(state, True)
-        hooks.console.end_epoch(f"epoch {epoch + 1}/{cfg.schedule.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
-                                f"top5 {val['top5']:.2f} ({val['count']} images)")
+        hooks.console.end_epoch(
+            f"epoch {epoch + 1}/{cfg.schedule.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
+            f"top5 {val['top5']:.2f} ({val['count']} images)"
+        )
         if hooks.stop.agreed(engine):  # a signal during validation or the epoch's checkpoint
-            hooks.console.print(f"stopped by {hooks.stop.reason} at the end of epoch {epoch + 1}; checkpoint "
-                                f"written, resume with --resume auto")
+            hooks.console.print(
+                f"stopped by {hooks.stop.reason} at the end of epoch {epoch + 1}; checkpoint "
+                f"written, resume with --resume auto"
+            )
             return "stopped"
     return "finished"
 
@@ -96,6 +113,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
 class Images:
     """An epoch's images: how many its steps read, how many trained (readable, in batches
     big enough), summed over the ranks from the reports' meters (no collective of its own)."""
+
     expected: int
     trained: int = 0
 
@@ -113,8 +131,10 @@ class SmallBatches:
 
     def __init__(self, min_images: int, image_size: int, device: torch.device):
         self.min_images, self.count = min_images, 0
-        self.empty = (torch.zeros((0, 3, image_size, image_size), device=device),
-                      torch.zeros(0, dtype=torch.long, device=device))
+        self.empty = (
+            torch.zeros((0, 3, image_size, image_size), device=device),
+            torch.zeros(0, dtype=torch.long, device=device),
+        )
 
     def skipped(self, batches):
         try:
@@ -122,9 +142,12 @@ class SmallBatches:
                 if images is not None and 0 < len(images) < self.min_images:
                     self.count += 1
                     if self.count == 1:
-                        print(f"warning: skipping a micro-batch left with {len(images)} readable image(s): batch norm "
-                              f"needs at least {self.min_images}; further ones are skipped without a warning",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"warning: skipping a micro-batch left with {len(images)} readable image(s): batch norm "
+                            f"needs at least {self.min_images}; further ones are skipped without a warning",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     images = None
                 if images is None:
                     yield self.empty
@@ -171,12 +194,25 @@ def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr:
     """Log the meter's averages since the last report; returns the meter's reduction (with
     ``count``, the images trained on, and ``nonfinite_steps``, both over all ranks)."""
     stats = meter.reduce(state.engine, name="train_meter")
-    shown = {"loss": stats["loss"], "top1": stats["top1"], "top5": stats["top5"], "lr": lr,
-             "images_per_sec": speed.rate(stats["count"])}
+    shown = {
+        "loss": stats["loss"],
+        "top1": stats["top1"],
+        "top5": stats["top5"],
+        "lr": lr,
+        "images_per_sec": speed.rate(stats["count"]),
+    }
     step = state.position.step
     hooks.console.progress(state.position.epoch_step, shown)
-    hooks.board.scalars(step, {"train/loss": shown["loss"], "train/top1": shown["top1"], "train/lr": lr,
-                               "train/images_per_sec": shown["images_per_sec"], **state.precision.scalars()})
+    hooks.board.scalars(
+        step,
+        {
+            "train/loss": shown["loss"],
+            "train/top1": shown["top1"],
+            "train/lr": lr,
+            "train/images_per_sec": shown["images_per_sec"],
+            **state.precision.scalars(),
+        },
+    )
     hooks.board.trust_ratios(step, getattr(state.optimizer, "last_trust_ratios", None))
     return stats
 

@@ -1,4 +1,5 @@
 """Launching real training jobs from tests: plain python or `mpirun -np N`, real files."""
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,35 @@ MODEL = "shufflenet_v2_x0_5"
 # Small, fast settings shared by the end-to-end tests: 16-pixel digits, MODEL, LARS with
 # normalisation weights and biases excluded and no label smoothing (the defaults these tests
 # were written against, spelled out since the original trainer's defaults came back).
-FAST = ["--model", MODEL, "--base-op", "lars", "--bn-bias-separately", "--label-smoothing", "0", "--image-size", "16", "--val-resize", "16", "--crop-scale", "0.6,1",
-        "--batch-size", "16", "--val-batch-size", "32", "--workers", "0", "--print-freq", "1",
-        "--warmup-epochs", "0.5", "--base-lr", "1", "--wd", "1e-4"]
+FAST = [
+    "--model",
+    MODEL,
+    "--base-op",
+    "lars",
+    "--bn-bias-separately",
+    "--label-smoothing",
+    "0",
+    "--image-size",
+    "16",
+    "--val-resize",
+    "16",
+    "--crop-scale",
+    "0.6,1",
+    "--batch-size",
+    "16",
+    "--val-batch-size",
+    "32",
+    "--workers",
+    "0",
+    "--print-freq",
+    "1",
+    "--warmup-epochs",
+    "0.5",
+    "--base-lr",
+    "1",
+    "--wd",
+    "1e-4",
+]
 
 # The flags of the shared uninterrupted runs (tests/e2e/conftest.py, straight_runs): two
 # epochs of 10 steps on the digits, seed 7, a checkpoint every 5 steps, the last two kept.
@@ -43,26 +70,45 @@ def env() -> dict:
     e = dict(os.environ)
     # No PYTHONPATH: the jobs find largebatch through the editable install (tools/setup.sh),
     # as a user's jobs do.
-    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1")
+    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
     return e
 
 
 def mpi_command(np: int, script: str, args: list[str]) -> list[str]:
-    return [MPIRUN, "-np", str(np), "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED",
-            PYTHON, script, *map(str, args)]
+    return [
+        MPIRUN,
+        "-np",
+        str(np),
+        "--oversubscribe",
+        "-x",
+        "OMP_NUM_THREADS",
+        "-x",
+        "PYTHONUNBUFFERED",
+        PYTHON,
+        script,
+        *map(str, args),
+    ]
 
 
-def run_job(args: list, np: int = 2, script: str = TRAIN, timeout: float = 600,
-            check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run_job(
+    args: list,
+    np: int = 2,
+    script: str = TRAIN,
+    timeout: float = 600,
+    check: bool = True,
+    extra_env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run the training job; np=1 runs plain python, np>1 runs mpirun -np."""
     cmd = [PYTHON, script, *map(str, args)] if np == 1 else mpi_command(np, script, args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})},
-                          cwd=ROOT)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})}, cwd=ROOT
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -100,18 +146,26 @@ def run_in_process(args: list, entry: str = "folder", engine: str = "torch") -> 
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def run_mpi_script(script: Path, args: list = (), np: int = 2, timeout: float = 300,
-                   engine: str = "horovod", check: bool = True) -> subprocess.CompletedProcess:
+def run_mpi_script(
+    script: Path, args: list = (), np: int = 2, timeout: float = 300, engine: str = "horovod", check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a helper script of the tests under mpirun on ``engine``; fails the test on a
     non-zero exit (unless not ``check``). The script reports what it checked as JSON lines
     (``results``)."""
-    return run_job(list(args), np=np, script=str(script), timeout=timeout, check=check,
-                   extra_env={"LARGEBATCH_TEST_ENGINE": engine})
+    return run_job(
+        list(args),
+        np=np,
+        script=str(script),
+        timeout=timeout,
+        check=check,
+        extra_env={"LARGEBATCH_TEST_ENGINE": engine},
+    )
 
 
 def results(stdout: str) -> list[dict]:
     """What a helper script under tests/e2e/scripts reported: its JSON lines, in order."""
     import json
+
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
@@ -127,13 +181,15 @@ def signal_ranks(marker: str, sig: int) -> int:
     return sent
 
 
-def run_and_signal(args: list, when: str, marker: str, np: int = 2, script: str = TRAIN,
-                   sig: int = signal.SIGUSR1) -> str:
+def run_and_signal(
+    args: list, when: str, marker: str, np: int = 2, script: str = TRAIN, sig: int = signal.SIGUSR1
+) -> str:
     """Run the job under mpirun; when a line of its output contains ``when``, send ``sig``
     to every rank whose command line contains ``marker``. Returns the output; the job
     must exit 0 (a signalled job checkpoints and leaves cleanly)."""
-    proc = subprocess.Popen(mpi_command(np, script, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        mpi_command(np, script, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT
+    )
     output, sent = [], 0
     for line in proc.stdout:
         output.append(line)
@@ -151,5 +207,6 @@ def load_checkpoint(path: Path) -> dict:
 
 def latest_checkpoint(run_dir: Path) -> dict:
     import json
+
     files = json.loads((run_dir / "checkpoints.json").read_text())["files"]
     return load_checkpoint(run_dir / files[-1])

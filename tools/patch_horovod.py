@@ -7,6 +7,7 @@ fails on machines that have nvcc but no CUDA runtime.
 
 Usage: python tools/patch_horovod.py SRC_DIR --torch-cxx-std 20 [--cpu-only]
 """
+
 import argparse
 import pathlib
 import sys
@@ -32,14 +33,16 @@ def main() -> None:
     root = args.src / "CMakeLists.txt"
     torch_cmake = args.src / "horovod" / "torch" / "CMakeLists.txt"
     replace_once(root, "set(CMAKE_CXX_STANDARD 14)", "set(CMAKE_CXX_STANDARD 17)")
-    replace_once(torch_cmake, "    set(CMAKE_CXX_STANDARD 14)",
-                 f"    set(CMAKE_CXX_STANDARD {args.torch_cxx_std})")
+    replace_once(torch_cmake, "    set(CMAKE_CXX_STANDARD 14)", f"    set(CMAKE_CXX_STANDARD {args.torch_cxx_std})")
     if args.cpu_only:
-        replace_once(root, "    enable_language(CUDA)\n",
-                     "    message(STATUS \"largebatch: CPU-only build, CUDA left off\")\n")
-        replace_once(args.src / "cmake" / "Modules" / "FindPytorch.cmake",
-                     'string(TOUPPER "${Pytorch_CUDA}" Pytorch_CUDA)',
-                     'set(Pytorch_CUDA FALSE)  # largebatch: CPU-only build')
+        replace_once(
+            root, "    enable_language(CUDA)\n", '    message(STATUS "largebatch: CPU-only build, CUDA left off")\n'
+        )
+        replace_once(
+            args.src / "cmake" / "Modules" / "FindPytorch.cmake",
+            'string(TOUPPER "${Pytorch_CUDA}" Pytorch_CUDA)',
+            "set(Pytorch_CUDA FALSE)  # largebatch: CPU-only build",
+        )
 
 
 if __name__ == "__main__":

@@ -6,16 +6,17 @@ only, so it is applied after install and leaves the cached wheel as it is.
 
 Usage: python tools/patch_horovodrun.py
 """
+
 import os
 import sys
 
 import horovod
 
 FIXES = {
-    "_NO_BINDING_ARGS = ['-bind-to none', '-map-by slot']":
-        "_NO_BINDING_ARGS = ['--bind-to none', '--map-by slot']",
-    "_SOCKET_BINDING_ARGS = ['-bind-to socket', '-map-by socket', '-rank-by core']":
-        "_SOCKET_BINDING_ARGS = ['--bind-to socket', '--map-by socket', '--rank-by core']",
+    "_NO_BINDING_ARGS = ['-bind-to none', '-map-by slot']": "_NO_BINDING_ARGS = ['--bind-to none', '--map-by slot']",
+    "_SOCKET_BINDING_ARGS = ['-bind-to socket', '-map-by socket', '-rank-by core']": (
+        "_SOCKET_BINDING_ARGS = ['--bind-to socket', '--map-by socket', '--rank-by core']"
+    ),
 }
 
 

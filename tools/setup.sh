@@ -175,7 +175,7 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
         # A complete CUDA toolkit from PyPI, matched to torch's CUDA runtime: nvcc newer than the
         # runtime, or nvvm newer than nvcc, fails to compile Horovod's kernels.
         cuda_rt=$("$PY" -m pip show nvidia-cuda-runtime 2>/dev/null | sed -n 's/^Version: //p')
-        [ -n "$cuda_rt" ] || die "torch's CUDA runtime is not a pip package here (a site's torch?); build Horovod by hand against the site's CUDA (see /work/shared/notes or README), or LARGEBATCH_HOROVOD=skip"
+        [ -n "$cuda_rt" ] || die "torch's CUDA runtime is not a pip package here (a site's torch?); build Horovod by hand against the site's CUDA (see docs/install.md), or LARGEBATCH_HOROVOD=skip"
         say "installing nvcc $cuda_rt from PyPI for the NCCL build"
         pip install -q "nvidia-cuda-nvcc==$cuda_rt" "nvidia-nvvm==$cuda_rt" "nvidia-cuda-crt==$cuda_rt" \
             || die "could not install nvcc $cuda_rt matching torch's CUDA runtime"

@@ -7,6 +7,7 @@ collect_state_dict and load with relocate_state_dict.
 CPU and gloo, a tiny model, synthetic data, a few steps. It checks that the reloaded model
 and optimizer equal the trained ones, prints one JSON line per rank, and exits non-zero if not.
 """
+
 import gc
 import json
 import sys
@@ -18,8 +19,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from largebatch.parallel import (ParallelCrossEntropyLoss, collect_state_dict, convert_parallel_linear,
-                                 engine_for_process_group, relocate_state_dict, sharded_parameter_names)
+from largebatch.parallel import (
+    ParallelCrossEntropyLoss,
+    collect_state_dict,
+    convert_parallel_linear,
+    engine_for_process_group,
+    relocate_state_dict,
+    sharded_parameter_names,
+)
 
 CLASSES, FEATURES, BATCH = 10, 16, 8
 
@@ -84,10 +91,22 @@ def train_and_check() -> int:
     fresh_optimizer.load_state_dict(mine["optimizer"])
 
     same_model = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
-    same_momentum = all(torch.equal(optimizer.state[a]["momentum_buffer"], fresh_optimizer.state[b]["momentum_buffer"])
-                        for a, b in zip(model.parameters(), fresh.parameters()))
-    print(json.dumps({"rank": engine.rank, "losses": losses, "slice": list(model[3].weight.shape),
-                      "same_model": same_model, "same_momentum": same_momentum}), flush=True)
+    same_momentum = all(
+        torch.equal(optimizer.state[a]["momentum_buffer"], fresh_optimizer.state[b]["momentum_buffer"])
+        for a, b in zip(model.parameters(), fresh.parameters())
+    )
+    print(
+        json.dumps(
+            {
+                "rank": engine.rank,
+                "losses": losses,
+                "slice": list(model[3].weight.shape),
+                "same_model": same_model,
+                "same_momentum": same_momentum,
+            }
+        ),
+        flush=True,
+    )
     return 0 if same_model and same_momentum else 1
 
 

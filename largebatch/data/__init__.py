@@ -6,19 +6,21 @@ micro-batch whose every image was unreadable is ``(None, None)``, and the loop s
 it, as an empty batch, so that every rank takes part in every reduction. ``val()`` yields
 each validation image exactly once over all ranks; shares may differ by a batch.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Protocol, Tuple
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import torch
 
-Batch = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]  # (images, labels), or (None, None)
+Batch = tuple[torch.Tensor | None, torch.Tensor | None]  # (images, labels), or (None, None)
 
 
 class Input(Protocol):
     num_classes: int
-    batches_per_epoch: int   # micro-batches per rank per epoch, equal on every rank
-    bad_files: set[str]      # unreadable files met so far on this rank
+    batches_per_epoch: int  # micro-batches per rank per epoch, equal on every rank
+    bad_files: set[str]  # unreadable files met so far on this rank
 
     def train(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """This rank's micro-batches of ``epoch`` from ``start_batch`` on (a resumed run)."""

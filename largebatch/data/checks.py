@@ -1,4 +1,5 @@
 """Checks every input makes of its data, worded once."""
+
 from __future__ import annotations
 
 from ..argparsing import UsageError
@@ -20,8 +21,10 @@ def same_classes(train: list[str], val: list[str], train_name: str, val_name: st
     if train != val:
         only_train = sorted(set(train) - set(val))[:3]
         only_val = sorted(set(val) - set(train))[:3]
-        raise UsageError(f"{val_name} classes differ from {train_name} classes "
-                         f"(only in train: {only_train or '-'}, only in val: {only_val or '-'})")
+        raise UsageError(
+            f"{val_name} classes differ from {train_name} classes "
+            f"(only in train: {only_train or '-'}, only in val: {only_val or '-'})"
+        )
 
 
 def batches_per_epoch(cfg, size: int, n_train: int, source: str) -> int:
@@ -29,7 +32,9 @@ def batches_per_epoch(cfg, size: int, n_train: int, source: str) -> int:
     batches = (n_train // size) // cfg.schedule.batch_size
     if batches < cfg.schedule.batches_per_allreduce:
         needed = cfg.schedule.batch_size * cfg.schedule.batches_per_allreduce * size
-        raise UsageError(f"--batch-size {cfg.schedule.batch_size} x --batches-per-allreduce "
-                         f"{cfg.schedule.batches_per_allreduce} x {size} processes needs {needed} training images; "
-                         f"{source} has {n_train}")
+        raise UsageError(
+            f"--batch-size {cfg.schedule.batch_size} x --batches-per-allreduce "
+            f"{cfg.schedule.batches_per_allreduce} x {size} processes needs {needed} training images; "
+            f"{source} has {n_train}"
+        )
     return batches

@@ -49,6 +49,7 @@ to find the file (or TFRecord file and byte offset), and the run stops with one 
 it. Unlike the torchvision path, DALI cannot drop a bad image and go on: remove or replace
 it (for TFRecords, convert again).
 """
+
 from __future__ import annotations
 
 import json
@@ -81,10 +82,11 @@ def default_threads() -> int:
 @dataclass
 class ReadPlan:
     """One pass of one rank over a split: the reader to build and which batches to yield."""
-    reader: dict               # fn.readers.tfrecord / fn.readers.file arguments
+
+    reader: dict  # fn.readers.tfrecord / fn.readers.file arguments
     batch_size: int
-    samples: int               # samples to yield, from the first yielded batch on
-    skip_batches: int = 0      # batches run and dropped first (replay for a mid-epoch resume)
+    samples: int  # samples to yield, from the first yielded batch on
+    skip_batches: int = 0  # batches run and dropped first (replay for a mid-epoch resume)
     training: bool = True
     seed: int = 0
     kind: str = "tfrecord"
@@ -105,8 +107,10 @@ class TFRecordSource:
     def _files(self, split: str) -> list[tuple[str, str, int]]:
         folder, idx_folder = self.root / split, self.root / "idx_files" / split
         if not folder.is_dir():
-            raise UsageError(f"--data-dir {self.root}: no {split}/ folder of TFRecord files "
-                             f"(or use --data-format folder for train/ and val/ image folders)")
+            raise UsageError(
+                f"--data-dir {self.root}: no {split}/ folder of TFRecord files "
+                f"(or use --data-format folder for train/ and val/ image folders)"
+            )
         files = record_files(folder)
         if not files:
             raise UsageError(f"{folder}: no TFRecord files")
@@ -114,12 +118,15 @@ class TFRecordSource:
         for record in files:
             index = idx_folder / record.name
             if not index.is_file():
-                raise UsageError(f"{record}: no index file {index} (make them with "
-                                 f"python -m largebatch.data.tfrecord index {self.root})")
+                raise UsageError(
+                    f"{record}: no index file {index} (make them with "
+                    f"python -m largebatch.data.tfrecord index {self.root})"
+                )
             problem = index_matches(record, index)
             if problem:
-                raise UsageError(f"{problem} (make the index again: "
-                                 f"python -m largebatch.data.tfrecord index {self.root})")
+                raise UsageError(
+                    f"{problem} (make the index again: python -m largebatch.data.tfrecord index {self.root})"
+                )
             out.append((str(record), str(index), len(read_index(index))))
         return out
 
@@ -134,8 +141,10 @@ class TFRecordSource:
         for split, count in self.counts.items():
             listed = meta.get("splits", {}).get(split, {}).get("records")
             if listed is not None and listed != count:
-                raise UsageError(f"{path} lists {listed} {split} records but the index files list {count}: "
-                                 f"stale; run python -m largebatch.data.tfrecord index {self.root}")
+                raise UsageError(
+                    f"{path} lists {listed} {split} records but the index files list {count}: "
+                    f"stale; run python -m largebatch.data.tfrecord index {self.root}"
+                )
         return meta
 
     def _labels(self, cfg: Config, meta: dict | None) -> tuple[int, int]:
@@ -144,15 +153,19 @@ class TFRecordSource:
         if cfg.dali.label_offset == "auto":
             if base is None:
                 why = "is missing" if meta is None else "records no usual label base (0 or 1)"
-                raise UsageError(f"--label-offset auto: {path} {why}, so the label base is unknown; run "
-                                 f"python -m largebatch.data.tfrecord index {self.root}, or pass --label-offset 0|1 "
-                                 f"and --num-classes")
+                raise UsageError(
+                    f"--label-offset auto: {path} {why}, so the label base is unknown; run "
+                    f"python -m largebatch.data.tfrecord index {self.root}, or pass --label-offset 0|1 "
+                    f"and --num-classes"
+                )
             offset = base
         else:
             offset = int(cfg.dali.label_offset)
             if base is not None and base != offset:
-                raise UsageError(f"--label-offset {offset}, but {path} says labels start at {base}; "
-                                 f"use --label-offset auto (or {base})")
+                raise UsageError(
+                    f"--label-offset {offset}, but {path} says labels start at {base}; "
+                    f"use --label-offset auto (or {base})"
+                )
         known = meta.get("num_classes") if meta else None
         if cfg.data.num_classes is None and known is None:
             raise UsageError(f"--num-classes is needed: {path} does not give the number of classes")
@@ -166,18 +179,38 @@ class TFRecordSource:
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(mix(cfg.run.seed, epoch)))
         files = [files[i] for i in order.tolist()]
         seed = sample_seed(cfg.run.seed, epoch, rank) % 2**31
-        reader = dict(path=[f for f, _, _ in files], index_path=[i for _, i, _ in files], shard_id=rank,
-                      num_shards=size, random_shuffle=True, initial_fill=min(1024, self.counts["train"] // size),
-                      stick_to_shard=True, pad_last_batch=True, seed=seed)
-        return ReadPlan(reader, cfg.schedule.batch_size, (batches - start_batch) * cfg.schedule.batch_size, skip_batches=start_batch,
-                        seed=seed)
+        reader = dict(
+            path=[f for f, _, _ in files],
+            index_path=[i for _, i, _ in files],
+            shard_id=rank,
+            num_shards=size,
+            random_shuffle=True,
+            initial_fill=min(1024, self.counts["train"] // size),
+            stick_to_shard=True,
+            pad_last_batch=True,
+            seed=seed,
+        )
+        return ReadPlan(
+            reader,
+            cfg.schedule.batch_size,
+            (batches - start_batch) * cfg.schedule.batch_size,
+            skip_batches=start_batch,
+            seed=seed,
+        )
 
     def val_plan(self, cfg: Config, rank: int, size: int) -> ReadPlan:
         files, n = self.files["validation"], self.counts["validation"]
         # DALI's shard r of s holds records [n*r//s, n*(r+1)//s).
         shard = n * (rank + 1) // size - n * rank // size
-        reader = dict(path=[f for f, _, _ in files], index_path=[i for _, i, _ in files], shard_id=rank,
-                      num_shards=size, random_shuffle=False, stick_to_shard=True, pad_last_batch=True)
+        reader = dict(
+            path=[f for f, _, _ in files],
+            index_path=[i for _, i, _ in files],
+            shard_id=rank,
+            num_shards=size,
+            random_shuffle=False,
+            stick_to_shard=True,
+            pad_last_batch=True,
+        )
         return ReadPlan(reader, cfg.data.val_batch_size, shard, training=False)
 
 
@@ -205,18 +238,28 @@ class FolderSource:
 
     @staticmethod
     def _reader(samples: list[tuple[str, int]], indices: list[int]) -> dict:
-        return dict(files=[samples[i][0] for i in indices], labels=[samples[i][1] for i in indices],
-                    random_shuffle=False, pad_last_batch=False)
+        return dict(
+            files=[samples[i][0] for i in indices],
+            labels=[samples[i][1] for i in indices],
+            random_shuffle=False,
+            pad_last_batch=False,
+        )
 
     def train_plan(self, cfg: Config, rank: int, size: int, epoch: int, start_batch: int, batches: int) -> ReadPlan:
-        shard = TrainShard(len(self.train), rank, size, cfg.run.seed, epoch, start=start_batch * cfg.schedule.batch_size)
-        indices = shard.indices[:(batches - start_batch) * cfg.schedule.batch_size]
+        shard = TrainShard(
+            len(self.train), rank, size, cfg.run.seed, epoch, start=start_batch * cfg.schedule.batch_size
+        )
+        indices = shard.indices[: (batches - start_batch) * cfg.schedule.batch_size]
         seed = sample_seed(cfg.run.seed, epoch, rank) % 2**31
-        return ReadPlan(self._reader(self.train, indices), cfg.schedule.batch_size, len(indices), seed=seed, kind="file")
+        return ReadPlan(
+            self._reader(self.train, indices), cfg.schedule.batch_size, len(indices), seed=seed, kind="file"
+        )
 
     def val_plan(self, cfg: Config, rank: int, size: int) -> ReadPlan:
         indices = ValShard(len(self.val), rank, size).indices
-        return ReadPlan(self._reader(self.val, indices), cfg.data.val_batch_size, len(indices), training=False, kind="file")
+        return ReadPlan(
+            self._reader(self.val, indices), cfg.data.val_batch_size, len(indices), training=False, kind="file"
+        )
 
 
 class DaliInput:
@@ -226,8 +269,9 @@ class DaliInput:
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
-            raise UsageError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, "
-                             "see requirements.txt)") from None
+            raise UsageError(
+                "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, see requirements.txt)"
+            ) from None
         if cfg.dali.dali_device == "gpu":
             if device.type != "cuda":
                 why = "--no-cuda was given" if cfg.numerics.no_cuda else "no CUDA GPU is visible to this process"
@@ -289,8 +333,13 @@ class DaliInput:
         from nvidia.dali import Pipeline, fn, types
 
         cfg = self.cfg
-        pipe = Pipeline(batch_size=plan.batch_size, num_threads=self.threads, device_id=self.device_id,
-                        seed=plan.seed + 1, prefetch_queue_depth=cfg.dali.dali_prefetch)
+        pipe = Pipeline(
+            batch_size=plan.batch_size,
+            num_threads=self.threads,
+            device_id=self.device_id,
+            seed=plan.seed + 1,
+            prefetch_queue_depth=cfg.dali.dali_prefetch,
+        )
         with pipe:
             encoded, labels = self._read(plan)
             if not decode:
@@ -300,21 +349,36 @@ class DaliInput:
                 decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
                 if gpu:  # NVIDIA's ImageNet examples' values: fewer reallocations for full-size JPEGs
                     decoder.update(device_memory_padding=211025920, host_memory_padding=140544512)
-                normalize = dict(dtype=types.FLOAT, output_layout="CHW",
-                                 mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+                normalize = dict(
+                    dtype=types.FLOAT,
+                    output_layout="CHW",
+                    mean=[255 * m for m in IMAGENET_MEAN],
+                    std=[255 * s for s in IMAGENET_STD],
+                )
                 if plan.training:
-                    images = fn.decoders.image_random_crop(encoded, random_area=list(cfg.data.crop_scale),
-                                                           random_aspect_ratio=list(cfg.data.crop_ratio),
-                                                           num_attempts=10, **decoder)
-                    images = fn.resize(images, resize_x=cfg.data.image_size, resize_y=cfg.data.image_size,
-                                       interp_type=types.INTERP_LINEAR, antialias=True)
-                    images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5),
-                                                      **normalize)
+                    images = fn.decoders.image_random_crop(
+                        encoded,
+                        random_area=list(cfg.data.crop_scale),
+                        random_aspect_ratio=list(cfg.data.crop_ratio),
+                        num_attempts=10,
+                        **decoder,
+                    )
+                    images = fn.resize(
+                        images,
+                        resize_x=cfg.data.image_size,
+                        resize_y=cfg.data.image_size,
+                        interp_type=types.INTERP_LINEAR,
+                        antialias=True,
+                    )
+                    images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5), **normalize)
                 else:
                     images = fn.decoders.image(encoded, **decoder)
-                    images = fn.resize(images, resize_shorter=cfg.data.val_resize, interp_type=types.INTERP_LINEAR,
-                                       antialias=True)
-                    images = fn.crop_mirror_normalize(images, crop=(cfg.data.image_size, cfg.data.image_size), **normalize)
+                    images = fn.resize(
+                        images, resize_shorter=cfg.data.val_resize, interp_type=types.INTERP_LINEAR, antialias=True
+                    )
+                    images = fn.crop_mirror_normalize(
+                        images, crop=(cfg.data.image_size, cfg.data.image_size), **normalize
+                    )
                 outputs = [images, labels]
                 if with_ids:
                     outputs.append(fn.get_property(encoded, key="source_info"))
@@ -328,8 +392,10 @@ class DaliInput:
 
         if plan.kind == "file":
             return fn.readers.file(**plan.reader, name="Reader")
-        features = {ENCODED: tfrecord.FixedLenFeature((), tfrecord.string, ""),
-                    LABEL: tfrecord.FixedLenFeature([1], tfrecord.int64, -1)}
+        features = {
+            ENCODED: tfrecord.FixedLenFeature((), tfrecord.string, ""),
+            LABEL: tfrecord.FixedLenFeature([1], tfrecord.int64, -1),
+        }
         records = fn.readers.tfrecord(**plan.reader, features=features, name="Reader")
         return records[ENCODED], records[LABEL]
 
@@ -340,8 +406,11 @@ class DaliInput:
 
         tensor = batch.as_tensor()
         on_gpu = isinstance(batch, TensorListGPU)
-        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype],
-                          device=torch.device("cuda", self.device_id) if on_gpu else "cpu")
+        out = torch.empty(
+            tensor.shape(),
+            dtype=to_torch_type[tensor.dtype],
+            device=torch.device("cuda", self.device_id) if on_gpu else "cpu",
+        )
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device) if on_gpu else None)
         return out
 
@@ -349,9 +418,11 @@ class DaliInput:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= self.num_classes:
             bad = low if low < 0 else high
-            raise DataError(f"{split} label {bad + self.source.offset} in {self.cfg.dali.data_dir} is outside "
-                            f"0..{self.num_classes - 1} after subtracting --label-offset {self.source.offset}: "
-                            f"wrong --label-offset or --num-classes?")
+            raise DataError(
+                f"{split} label {bad + self.source.offset} in {self.cfg.dali.data_dir} is outside "
+                f"0..{self.num_classes - 1} after subtracting --label-offset {self.source.offset}: "
+                f"wrong --label-offset or --num-classes?"
+            )
 
     # --- unreadable data --------------------------------------------------------------------
     def _diagnose(self, plan: ReadPlan, failed: int, error: RuntimeError) -> DataError:
@@ -366,16 +437,20 @@ class DaliInput:
             for k in range(window.stop):
                 encoded, sources = reader.run()
                 if k in window:
-                    candidates += [(np.array(encoded.at(i)), np.array(sources.at(i)).tobytes().decode())
-                                   for i in range(len(encoded))]
+                    candidates += [
+                        (np.array(encoded.at(i)), np.array(sources.at(i)).tobytes().decode())
+                        for i in range(len(encoded))
+                    ]
             del reader
         except RuntimeError as e:  # the reader itself fails: its message is all there is
             return DataError(f"DALI cannot read {self.cfg.dali.data_dir}: {_dali_reason(str(e))}")
-        probe = Pipeline(batch_size=1, num_threads=1, device_id=None, exec_pipelined=False, exec_async=False,
-                         prefetch_queue_depth=1)
+        probe = Pipeline(
+            batch_size=1, num_threads=1, device_id=None, exec_pipelined=False, exec_async=False, prefetch_queue_depth=1
+        )
         with probe:
-            probe.set_outputs(fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1),
-                                                device="cpu"))
+            probe.set_outputs(
+                fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1), device="cpu")
+            )
         probe.build()
         for data, source in candidates:
             try:
@@ -384,8 +459,10 @@ class DaliInput:
             except RuntimeError:
                 self.bad_files.add(source)
                 where = source.replace(" at index ", ", the record at byte ")  # DALI's wording for TFRecords
-                return DataError(f"unreadable image in {where}: DALI cannot decode it ({reason}); remove or replace "
-                                 f"it (TFRecords: convert again)")
+                return DataError(
+                    f"unreadable image in {where}: DALI cannot decode it ({reason}); remove or replace "
+                    f"it (TFRecords: convert again)"
+                )
         sources = ", ".join(s for _, s in candidates[:3])
         return DataError(f"DALI failed on rank {self.rank} ({reason}); its batch held {sources}, ...")
 
@@ -394,7 +471,7 @@ def _dali_reason(message: str) -> str:
     """The line of a DALI error that says what happened, without its pipeline traceback."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     if "encountered:" in lines:
-        after = lines[lines.index("encountered:") + 1:]
+        after = lines[lines.index("encountered:") + 1 :]
         lines = [ln for ln in after if "no longer valid" not in ln] or after
     lines = [ln for ln in lines if not ln.startswith("Critical error")] or lines
     return re.sub(r"\s+", " ", lines[0]) if lines else "unknown error"

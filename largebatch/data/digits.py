@@ -6,6 +6,7 @@ and the convergence study, built offline.
 
 writes OUT_DIR/train/<digit>/*.jpg and OUT_DIR/val/<digit>/*.jpg.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 
-def write_digits(out: Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0,
-                 limit: int | None = None) -> tuple[int, int]:
+def write_digits(
+    out: Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0, limit: int | None = None
+) -> tuple[int, int]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -7,6 +7,7 @@ A warning the decoder gives (PIL's on very large images) is one such line too. A
 that fails on a decoded image is not a bad image but a bug or a flag it cannot use: the
 run stops with one line (DataError).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,19 +37,23 @@ def _to_tensor(uint8: bool) -> list:
 
 
 def train_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.RandomResizedCrop(cfg.data.image_size, scale=cfg.data.crop_scale, ratio=cfg.data.crop_ratio),
-        transforms.RandomHorizontalFlip(),
-        *_to_tensor(uint8),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(cfg.data.image_size, scale=cfg.data.crop_scale, ratio=cfg.data.crop_ratio),
+            transforms.RandomHorizontalFlip(),
+            *_to_tensor(uint8),
+        ]
+    )
 
 
 def val_transform(cfg: Config, uint8: bool = False) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.Resize(cfg.data.val_resize),
-        transforms.CenterCrop(cfg.data.image_size),
-        *_to_tensor(uint8),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(cfg.data.val_resize),
+            transforms.CenterCrop(cfg.data.image_size),
+            *_to_tensor(uint8),
+        ]
+    )
 
 
 # What a sample's read can report, besides its image: (kind, path, text)
@@ -120,8 +125,10 @@ def _check_readable_classes(dataset: TolerantImageFolder, flag: str, root: Path,
                 failure = failure or f"{path}: {type(e).__name__}: {' '.join(str(e).split())}"
         else:
             found = len(paths.get(target, []))
-            raise UsageError(f"{flag} {root}: class {dataset.classes[target]!r} has no readable image ({found} "
-                             f"file(s), e.g. {failure}); fix or remove its folder")
+            raise UsageError(
+                f"{flag} {root}: class {dataset.classes[target]!r} has no readable image ({found} "
+                f"file(s), e.g. {failure}); fix or remove its folder"
+            )
 
 
 class FolderInput:
@@ -136,14 +143,22 @@ class FolderInput:
         _check_readable_classes(self.train_set, "--train-dir", cfg.data.train_dir, rank, size)
         self.num_classes = len(self.train_set.classes)
         if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:
-            raise UsageError(f"--num-classes {cfg.data.num_classes} but {cfg.data.train_dir} has {self.num_classes} class folders")
+            raise UsageError(
+                f"--num-classes {cfg.data.num_classes} but {cfg.data.train_dir} has {self.num_classes} class folders"
+            )
         self.batches_per_epoch = batches_per_epoch(cfg, size, len(self.train_set), str(cfg.data.train_dir))
         self.bad_files: set[str] = set()
         self._warned: set[str] = set()  # files whose decoder warnings were reported
 
     def train(self, epoch: int, start_batch: int = 0):
-        sampler = TrainShard(len(self.train_set), self.rank, self.size, self.cfg.run.seed, epoch,
-                             start=start_batch * self.cfg.schedule.batch_size)
+        sampler = TrainShard(
+            len(self.train_set),
+            self.rank,
+            self.size,
+            self.cfg.run.seed,
+            epoch,
+            start=start_batch * self.cfg.schedule.batch_size,
+        )
         return self._batches(self.train_set, sampler, self.cfg.schedule.batch_size, drop_last=True)
 
     def val(self):
@@ -154,9 +169,15 @@ class FolderInput:
         # A worker process only pays for its start-up while the step runs on a batch already
         # loaded: a loader of n batches gets at most n - 1 (none for a one-batch validation).
         n_batches = len(sampler) // batch_size if drop_last else math.ceil(len(sampler) / batch_size)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                            num_workers=min(self.cfg.data.workers, max(0, n_batches - 1)), collate_fn=_collate,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=min(self.cfg.data.workers, max(0, n_batches - 1)),
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
         batches = self._report_bad(loader)
         if self.device.type == "cuda":
             yield from CudaPrefetcher(batches, IMAGENET_MEAN, IMAGENET_STD, self.device)
@@ -167,8 +188,10 @@ class FolderInput:
         for images, labels, notes in loader:
             for kind, path, text in notes:
                 if kind == TRANSFORM_FAILED:
-                    raise DataError(f"the transform failed on {printable(path)} ({printable(text)}), which decoded: "
-                                    f"a bug, or a flag it cannot use; not skipped as an unreadable image")
+                    raise DataError(
+                        f"the transform failed on {printable(path)} ({printable(text)}), which decoded: "
+                        f"a bug, or a flag it cannot use; not skipped as an unreadable image"
+                    )
                 seen = self.bad_files if kind == UNREADABLE else self._warned
                 if path not in seen:
                     seen.add(path)

@@ -4,6 +4,7 @@ The loader hands over uint8 batches (4x less to copy than float32). They are cop
 the GPU on a side stream, converted and normalised there, one batch ahead, so the copy
 of batch k+1 overlaps the training step on batch k.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ no padding with duplicates, so the reduced accuracy equals a single-process eval
 Each item is ``(index, sample_seed)``: the dataset seeds its augmentation from it, which
 makes a sample's crop a function of (seed, epoch, index) alone, whichever worker reads it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,7 @@ class TrainShard(Sampler):
     def __init__(self, num_samples: int, rank: int, size: int, seed: int, epoch: int, start: int = 0):
         self.per_rank = num_samples // size
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(mix(seed, epoch)))
-        self.indices = order[rank * self.per_rank:(rank + 1) * self.per_rank][start:].tolist()
+        self.indices = order[rank * self.per_rank : (rank + 1) * self.per_rank][start:].tolist()
         self.seed, self.epoch = seed, epoch
 
     def __iter__(self):

@@ -1,5 +1,6 @@
 """Random tensors shaped like the real input: for smoke tests, benchmarks, and class
 counts no data set has (1M classes). Nothing to decode, so it measures the model alone."""
+
 from __future__ import annotations
 
 import torch

@@ -43,6 +43,7 @@ Bad input (missing folders, classes that differ between train and val, an unread
 a corrupt record) ends the run with a one-line error naming the file, exit status 2; shards
 already finished are kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,6 +71,7 @@ PLAN_JSON = ".convert-plan.json"
 
 
 # --- TFRecord framing ---------------------------------------------------------------------
+
 
 def masked_crc(data: bytes) -> int:
     """TFRecord's CRC: CRC-32C rotated right by 15 bits plus a constant, so that a CRC of
@@ -113,6 +115,7 @@ def read_records(path: Path):
 #                                 Int64List int64_list = 3; } }
 # message BytesList { repeated bytes value = 1; }
 # message Int64List { repeated int64 value = 1 [packed = true]; }
+
 
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # negative int64s are ten-byte two's complement varints
@@ -165,10 +168,10 @@ def _fields(buf: bytes):
             value, pos = _read_varint(buf, pos)
         elif wire == 2:
             length, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
+            value, pos = buf[pos : pos + length], pos + length
         elif wire in (1, 5):
             width = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + width], pos + width
+            value, pos = buf[pos : pos + width], pos + width
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         if pos > len(buf):
@@ -213,6 +216,7 @@ def decode_example(payload: bytes) -> dict[str, list]:
 
 # --- DALI index files ------------------------------------------------------------------------
 
+
 def read_index(path: Path) -> list[tuple[int, int]]:
     """``(offset, size)`` per record, as DALI's tfrecord2idx writes them."""
     entries = []
@@ -235,8 +239,10 @@ def index_matches(record: Path, index: Path, expected: int | None = None) -> str
     end = entries[-1][0] + entries[-1][1] if entries else 0
     size = record.stat().st_size
     if end != size:
-        return (f"{index} does not match {record} (index ends at byte {end}, file has {size}): "
-                f"stale index or truncated file")
+        return (
+            f"{index} does not match {record} (index ends at byte {end}, file has {size}): "
+            f"stale index or truncated file"
+        )
     return ""
 
 
@@ -246,10 +252,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 # --- convert -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Shard:
-    split: str                                  # "train" or "validation"
-    name: str                                   # e.g. train-00003-of-00008
+    split: str  # "train" or "validation"
+    name: str  # e.g. train-00003-of-00008
     samples: tuple[tuple[str, str, int, str], ...]  # (path, name inside split, label, synset)
 
 
@@ -284,11 +291,22 @@ def write_shard(out: Path, shard: Shard) -> int:
                 raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
             problem = _image_problem(data)
             if problem:
-                raise DataError(f"{path}: not a readable image ({problem}); fix or remove it and run again "
-                                f"(finished shards are kept)")
+                raise DataError(
+                    f"{path}: not a readable image ({problem}); fix or remove it and run again "
+                    f"(finished shards are kept)"
+                )
             fmt = b"PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else b"JPEG"
-            record = frame(encode_example({ENCODED: data, LABEL: label, "image/class/synset": synset.encode(),
-                                           "image/filename": relative.encode(), "image/format": fmt}))
+            record = frame(
+                encode_example(
+                    {
+                        ENCODED: data,
+                        LABEL: label,
+                        "image/class/synset": synset.encode(),
+                        "image/filename": relative.encode(),
+                        "image/format": fmt,
+                    }
+                )
+            )
             f.write(record)
             index_lines.append(f"{offset} {len(record)}\n")
             offset += len(record)
@@ -339,9 +357,17 @@ def plan_conversion(src: Path, shard_size: int, label_base: int, seed: int) -> t
         folder = src / SPLITS[split]
         count = max(1, math.ceil(len(samples) / shard_size))
         for i in range(count):
-            chunk = samples[len(samples) * i // count:len(samples) * (i + 1) // count]
-            shards.append(Shard(split, f"{split}-{i:05d}-of-{count:05d}", tuple(
-                (path, str(Path(path).relative_to(folder)), idx + label_base, classes[idx]) for path, idx in chunk)))
+            chunk = samples[len(samples) * i // count : len(samples) * (i + 1) // count]
+            shards.append(
+                Shard(
+                    split,
+                    f"{split}-{i:05d}-of-{count:05d}",
+                    tuple(
+                        (path, str(Path(path).relative_to(folder)), idx + label_base, classes[idx])
+                        for path, idx in chunk
+                    ),
+                )
+            )
     return classes, shards
 
 
@@ -358,8 +384,10 @@ def _check_plan(out: Path, src: Path, shards: list[Shard], settings: dict) -> No
         old = json.loads(path.read_text())
         if old != plan:
             changed = sorted(k for k in plan if old.get(k) != plan[k])
-            raise UsageError(f"{out} holds a conversion with other inputs or settings ({', '.join(changed)} changed); "
-                             f"use a new OUT or delete it")
+            raise UsageError(
+                f"{out} holds a conversion with other inputs or settings ({', '.join(changed)} changed); "
+                f"use a new OUT or delete it"
+            )
     elif any(record_files(out / split) for split in ("train", "validation") if (out / split).is_dir()):
         raise UsageError(f"{out} already holds train/ or validation/ from something else; use a new OUT")
     _write_atomically(path, (json.dumps(plan, indent=1) + "\n").encode())
@@ -392,8 +420,7 @@ def _with_task(function, task):
     return task, function(task)
 
 
-def convert(src: Path, out: Path, shard_size: int = 1250, workers: int = 1, label_base: int = 1,
-            seed: int = 0) -> dict:
+def convert(src: Path, out: Path, shard_size: int = 1250, workers: int = 1, label_base: int = 1, seed: int = 0) -> dict:
     """Convert ``src`` into ``out``; returns dataset.json's contents."""
     from functools import partial
 
@@ -410,14 +437,24 @@ def convert(src: Path, out: Path, shard_size: int = 1250, workers: int = 1, labe
     done = len(shards) - len(todo)
     if done:
         print(f"{done} of {len(shards)} shards already finished; writing the other {len(todo)}", file=sys.stderr)
-    _run_pool(partial(write_shard, out), todo, workers, sum(len(s.samples) for s in todo), "convert",
-              lambda s: len(s.samples))
-    summary = {"label_base": label_base, "label_base_from": "converter", "num_classes": len(classes),
-               "classes": classes, "splits": {}}
+    _run_pool(
+        partial(write_shard, out), todo, workers, sum(len(s.samples) for s in todo), "convert", lambda s: len(s.samples)
+    )
+    summary = {
+        "label_base": label_base,
+        "label_base_from": "converter",
+        "num_classes": len(classes),
+        "classes": classes,
+        "splits": {},
+    }
     for split in ("train", "validation"):
         labels = [sample[2] for s in shards if s.split == split for sample in s.samples]
-        summary["splits"][split] = {"files": sum(s.split == split for s in shards), "records": len(labels),
-                                    "min_label": min(labels, default=None), "max_label": max(labels, default=None)}
+        summary["splits"][split] = {
+            "files": sum(s.split == split for s in shards),
+            "records": len(labels),
+            "min_label": min(labels, default=None),
+            "max_label": max(labels, default=None),
+        }
     for s in shards:  # every shard, the skipped ones too, against its index
         problem = index_matches(out / s.split / s.name, out / "idx_files" / s.split / s.name, len(s.samples))
         if problem:
@@ -427,6 +464,7 @@ def convert(src: Path, out: Path, shard_size: int = 1250, workers: int = 1, labe
 
 
 # --- index (TFRecords made elsewhere) ------------------------------------------------------------
+
 
 def index_file(paths: tuple[Path, Path]) -> tuple[int, int | None, int | None]:
     """Write the DALI index of one TFRecord file, checking every record; returns
@@ -457,8 +495,13 @@ def index(root: Path, workers: int = 1) -> dict:
     """Write idx_files/ and dataset.json for the TFRecords in root/train and root/validation."""
     if not (root / "train").is_dir():
         raise UsageError(f"{root / 'train'}: no such directory (DIR needs train/ and validation/ TFRecord files)")
-    summary = {"label_base": None, "label_base_from": "lowest label", "num_classes": None, "classes": None,
-               "splits": {}}
+    summary = {
+        "label_base": None,
+        "label_base_from": "lowest label",
+        "num_classes": None,
+        "classes": None,
+        "splits": {},
+    }
     for split in ("train", "validation"):
         folder = root / split
         files = record_files(folder) if folder.is_dir() else []
@@ -469,8 +512,12 @@ def index(root: Path, workers: int = 1) -> dict:
         results = _run_pool(index_file, tasks, workers, len(tasks), f"index {split}", lambda t: 1)
         lows = [lo for _, lo, _ in results if lo is not None]
         highs = [hi for _, _, hi in results if hi is not None]
-        summary["splits"][split] = {"files": len(files), "records": sum(n for n, _, _ in results),
-                                    "min_label": min(lows, default=None), "max_label": max(highs, default=None)}
+        summary["splits"][split] = {
+            "files": len(files),
+            "records": sum(n for n, _, _ in results),
+            "min_label": min(lows, default=None),
+            "max_label": max(highs, default=None),
+        }
     low = min((s["min_label"] for s in summary["splits"].values() if s["min_label"] is not None), default=None)
     high = max((s["max_label"] for s in summary["splits"].values() if s["max_label"] is not None), default=None)
     if low in (0, 1):  # the two conventions in use; anything else needs the user's word
@@ -481,6 +528,7 @@ def index(root: Path, workers: int = 1) -> dict:
 
 
 # --- command line ------------------------------------------------------------------------------
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -497,8 +545,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("src", type=Path)
     c.add_argument("out", type=Path)
     c.add_argument("--shard-size", type=_positive, default=1250, help="images per shard (ImageNet: 1024 train shards)")
-    c.add_argument("--label-base", type=int, choices=[0, 1], default=1,
-                   help="label of the first class: 1 as the usual ImageNet conversion, or 0")
+    c.add_argument(
+        "--label-base",
+        type=int,
+        choices=[0, 1],
+        default=1,
+        help="label of the first class: 1 as the usual ImageNet conversion, or 0",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of the training-set shuffle")
     c.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, help="parallel processes")
     i = sub.add_parser("index", help="DALI index files and dataset.json for existing TFRecords in DIR")
@@ -520,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     splits = ", ".join(f"{s['records']} {name} records in {s['files']} files" for name, s in summary["splits"].items())
     base = summary["label_base"]
-    print(f"{target}: {splits}; labels {'start at ' + str(base) if base is not None else 'have an unusual base'}, "
-          f"{summary['num_classes'] or '?'} classes")
+    print(
+        f"{target}: {splits}; labels {'start at ' + str(base) if base is not None else 'have an unusual base'}, "
+        f"{summary['num_classes'] or '?'} classes"
+    )
     if base is None:
         print("the job will need --label-offset and --num-classes for this data", file=sys.stderr)
     return 0

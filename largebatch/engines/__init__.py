@@ -5,6 +5,7 @@ The job asks for one by name and talks to it through ``Engine`` (base.py): ranks
 collectives on tensors of any dtype and memory layout, Python objects, the start-up
 broadcast, and the reduction of each step's gradients (``Gradients``).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ def choose(name: str) -> tuple[str, str]:
     if name != "auto":
         return name, ""
     from .torch import torchrun_env
+
     if torchrun_env():
         return "torch", ""
     try:
@@ -33,9 +35,11 @@ def init_engine(name: str = "horovod", timeline: bool = False, use_gpu: bool = T
     """Start the engine ``name`` ("horovod" or "torch"; see ``choose`` for "auto")."""
     if name == "horovod":
         from .horovod import HorovodEngine
+
         return HorovodEngine.init(timeline=timeline)
     if name == "torch":
         from .torch import TorchEngine
+
         return TorchEngine.init(use_gpu=use_gpu)
     raise EngineError(f"unknown engine {name!r}")
 

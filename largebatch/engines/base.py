@@ -6,6 +6,7 @@ picklable objects, gives every rank rank 0's initial model, and owns gradient av
 through a ``Gradients`` object, which the training step asks for exactly three things: a
 context for each micro-batch's backward pass, "reduce this step's gradients", and "step".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,11 @@ class EngineError(RuntimeError):
 
 # What Gloo's TCP transport says when the process at the other end of a connection is gone:
 # "[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:27024. This is ..."
-_PEER_GONE = re.compile(r"gloo/transport/\S+\] (?P<what>.*?(?:Connection closed by peer|Connection reset by peer|"
-                        r"Broken pipe).*?)(?:\. |\.?$)", re.S)
+_PEER_GONE = re.compile(
+    r"gloo/transport/\S+\] (?P<what>.*?(?:Connection closed by peer|Connection reset by peer|"
+    r"Broken pipe).*?)(?:\. |\.?$)",
+    re.S,
+)
 
 
 def lost_peer(error: BaseException) -> str | None:
@@ -65,11 +69,11 @@ def shard_range(total: int, parts: int, rank: int) -> tuple[int, int]:
 class Gradients:
     """How one optimizer step's gradients are averaged across ranks. The training step:
 
-        for each micro-batch:
-            with gradients.backward(last=is_last): forward (through ``module``), loss, backward
-        gradients.reduce()   # every rank now holds the averaged gradients
-        ...unscale, check for overflow...
-        gradients.step()     # the optimizer step, without reducing again
+    for each micro-batch:
+        with gradients.backward(last=is_last): forward (through ``module``), loss, backward
+    gradients.reduce()   # every rank now holds the averaged gradients
+    ...unscale, check for overflow...
+    gradients.step()     # the optimizer step, without reducing again
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module):
@@ -115,9 +119,17 @@ class Engine:
         every rank validates with the same model and the checkpoint holds what all used."""
         raise NotImplementedError
 
-    def gradients(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, micro_batches: int,
-                  compression: torch.dtype | None, adasum: bool, predivide: float,
-                  exclude: frozenset[str] = frozenset()) -> Gradients:
+    def gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        *,
+        micro_batches: int,
+        compression: torch.dtype | None,
+        adasum: bool,
+        predivide: float,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Gradients:
         """Average the gradients of ``model``'s parameters (those not in ``exclude``, which each
         rank owns) once per ``micro_batches`` backward passes, for ``optimizer``, sent as
         ``compression`` (torch.float16, torch.bfloat16 where the engine has "bf16_allreduce")

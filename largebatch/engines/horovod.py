@@ -4,6 +4,7 @@ Horovod 0.28 cannot reduce or broadcast bfloat16 tensors, nor non-contiguous one
 (channels-last weights): every tensor goes through ``base.carrier``, gradients included
 (a compression wrapper).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,7 @@ class HorovodEngine(Engine):
     features = frozenset({"adasum", "timeline"})
 
     @classmethod
-    def init(cls, timeline: bool = False) -> "HorovodEngine":
+    def init(cls, timeline: bool = False) -> HorovodEngine:
         hvd = _horovod()
         if timeline:
             os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")  # read by init: start/stop at will later
@@ -79,16 +80,21 @@ class HorovodEngine(Engine):
         # function runs a dummy step() to create some, which with weight decay moves the
         # weights. A resumed optimizer's state travels with the checkpoint (broadcast_object).
         hvd = _horovod()
-        self._each_async(((n, t) for n, t in model.state_dict().items() if n not in exclude),
-                         lambda c, n: hvd.broadcast_async_(c, root_rank=0, name=f"bcast.{n}"))
+        self._each_async(
+            ((n, t) for n, t in model.state_dict().items() if n not in exclude),
+            lambda c, n: hvd.broadcast_async_(c, root_rank=0, name=f"bcast.{n}"),
+        )
 
     def average_buffers(self, model) -> None:
         hvd = _horovod()
-        self._each_async(((n, t) for n, t in model.named_buffers() if t.is_floating_point()),
-                         lambda c, n: hvd.allreduce_async_(c, op=hvd.Average, name=f"buf.{n}"))
+        self._each_async(
+            ((n, t) for n, t in model.named_buffers() if t.is_floating_point()),
+            lambda c, n: hvd.allreduce_async_(c, op=hvd.Average, name=f"buf.{n}"),
+        )
 
-    def gradients(self, optimizer, model, *, micro_batches, compression, adasum, predivide,
-                  exclude=frozenset()) -> Gradients:
+    def gradients(
+        self, optimizer, model, *, micro_batches, compression, adasum, predivide, exclude=frozenset()
+    ) -> Gradients:
         hvd = _horovod()
         # Horovod hooks an allreduce onto every named parameter that requires grad when the
         # wrapper is built; the ones each rank owns are hidden from it for that moment.
@@ -99,7 +105,9 @@ class HorovodEngine(Engine):
             wrapped = hvd.DistributedOptimizer(
                 optimizer,
                 named_parameters=list(model.named_parameters()),
-                compression=_carried_compression(hvd.Compression.fp16 if compression == torch.float16 else hvd.Compression.none),
+                compression=_carried_compression(
+                    hvd.Compression.fp16 if compression == torch.float16 else hvd.Compression.none
+                ),
                 backward_passes_per_step=micro_batches,
                 op=hvd.Adasum if adasum else hvd.Average,
                 gradient_predivide_factor=predivide,
@@ -115,8 +123,9 @@ class HorovodEngine(Engine):
 
         def convert(module):
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                new = hvd.SyncBatchNorm(module.num_features, module.eps, module.momentum,
-                                        module.affine, module.track_running_stats)
+                new = hvd.SyncBatchNorm(
+                    module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+                )
                 new.load_state_dict(module.state_dict())
                 return new
             for child_name, child in module.named_children():

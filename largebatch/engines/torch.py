@@ -14,6 +14,7 @@ Gradients are averaged by DDP: bucketed allreduces that start during the backwar
 Micro-batches before the last run under ``no_sync`` (no communication); a communication
 hook does --gradient-predivide-factor and --fp16-allreduce (bf16 where asked).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,7 @@ def _rendezvous() -> tuple[str, int, int, int, int]:
     env = os.environ
     if torchrun_env():
         size = int(env["WORLD_SIZE"])
-        return ("env://", int(env["RANK"]), size, int(env.get("LOCAL_RANK", 0)),
-                int(env.get("LOCAL_WORLD_SIZE", size)))
+        return ("env://", int(env["RANK"]), size, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", size)))
     if any(k in env for k in MPI_VARS):
         try:
             from mpi4py import MPI
@@ -63,12 +63,18 @@ def _rendezvous() -> tuple[str, int, int, int, int]:
         return (f"tcp://{host}:{port}", world.Get_rank(), world.Get_size(), node.Get_rank(), node.Get_size())
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                               check=True).stdout.split()[0]
+        first = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
         port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
         size = int(env["SLURM_NTASKS"])
-        return (f"tcp://{first}:{port}", int(env["SLURM_PROCID"]), size, int(env.get("SLURM_LOCALID", 0)),
-                int(env.get("SLURM_NTASKS_PER_NODE", size).split("(")[0]))
+        return (
+            f"tcp://{first}:{port}",
+            int(env["SLURM_PROCID"]),
+            size,
+            int(env.get("SLURM_LOCALID", 0)),
+            int(env.get("SLURM_NTASKS_PER_NODE", size).split("(")[0]),
+        )
     return f"tcp://127.0.0.1:{_free_port()}", 0, 1, 0, 1
 
 
@@ -116,14 +122,15 @@ class TorchEngine(Engine):
         self.device_type = device_type
 
     @classmethod
-    def init(cls, use_gpu: bool) -> "TorchEngine":
+    def init(cls, use_gpu: bool) -> TorchEngine:
         init_method, rank, size, local_rank, local_size = _rendezvous()
         backend = "gloo"
         if use_gpu and torch.cuda.is_available():
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
             backend = "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=size, timeout=datetime.timedelta(minutes=30)
+        )
         return cls(rank, size, local_rank, local_size, "cuda" if "nccl" in backend else "cpu")
 
     # --- model ------------------------------------------------------------------------------
@@ -141,10 +148,12 @@ class TorchEngine(Engine):
         def average(c):
             dist.all_reduce(c)
             c.div_(self.size)
+
         self._each((t for _, t in model.named_buffers() if t.is_floating_point()), average)
 
-    def gradients(self, optimizer, model, *, micro_batches, compression, adasum, predivide,
-                  exclude=frozenset()) -> Gradients:
+    def gradients(
+        self, optimizer, model, *, micro_batches, compression, adasum, predivide, exclude=frozenset()
+    ) -> Gradients:
         if self.size == 1 and compression is None:
             # One process: nothing to average, and DDP would still copy every gradient into its
             # buckets and reduce them over the one rank (a --gradient-predivide-factor is undone
@@ -155,10 +164,12 @@ class TorchEngine(Engine):
         on_gpu = next(model.parameters()).is_cuda
         # Buffers are averaged at epoch ends (average_buffers), as under Horovod, not
         # broadcast from rank 0 before every forward pass (torch >= 2.15 renamed the switch).
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
-                          else {"broadcast_buffers": False})
-        ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None,
-                                      **no_buffer_sync)
+        no_buffer_sync = (
+            {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+        )
+        ddp = DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if on_gpu else None, **no_buffer_sync
+        )
         if compression is not None or predivide != 1.0:
             ddp.register_comm_hook((predivide, self.size, compression), _compression_hook)
         _fix_bucket_layout(ddp)
@@ -234,7 +245,7 @@ class TorchEngine(Engine):
         if self.is_main:
             parts = [self._padded(piece, rows).contiguous() for piece in torch.split(c, counts)]
         dist.scatter(out, parts, src=0)
-        return out[:counts[self.rank]].to(tensor.dtype)
+        return out[: counts[self.rank]].to(tensor.dtype)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -7,6 +7,7 @@ Where a value lands decides how it is written:
   alone on its line one option per line, for a readable TRAIN_ARGS=( ... ) block.
 A placeholder the renderer does not know is an error (a typo in an adapted template).
 """
+
 from __future__ import annotations
 
 import re
@@ -60,8 +61,10 @@ def values(req: JobRequest) -> dict[str, Value]:
 def fill(template: str, vals: dict[str, Value], source: str = "template") -> str:
     unknown = sorted(set(PLACEHOLDER.findall(template)) - set(vals))
     if unknown:
-        raise UsageError(f"{source} uses unknown placeholder(s) {', '.join(f'@{n}@' for n in unknown)}; "
-                         f"known: {', '.join(sorted(vals))}")
+        raise UsageError(
+            f"{source} uses unknown placeholder(s) {', '.join(f'@{n}@' for n in unknown)}; "
+            f"known: {', '.join(sorted(vals))}"
+        )
     return "".join(_fill_line(line, vals) for line in template.splitlines(keepends=True))
 
 
@@ -75,7 +78,7 @@ def _fill_line(line: str, vals: dict[str, Value]) -> str:
         return PLACEHOLDER.sub(lambda m: _plain(vals[m[1]]), line)
     alone = re.fullmatch(r"(\s*)@[a-z_]+@(\s*)", line)
     if alone:
-        return _shell_lines(vals[names[0]], alone[1], line[len(line.rstrip("\r\n")):])
+        return _shell_lines(vals[names[0]], alone[1], line[len(line.rstrip("\r\n")) :])
     return PLACEHOLDER.sub(lambda m: _shell_words(vals[m[1]]), line)
 
 

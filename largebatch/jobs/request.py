@@ -3,6 +3,7 @@
 A request that cannot run (zero nodes, a malformed time, a warning longer than the job)
 raises UsageError with one line that says what to change.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,27 +25,27 @@ SLURM_MAX_SIGNAL_SECONDS = 65535  # --signal=...@N takes at most 0xffff seconds
 
 @dataclass(frozen=True)
 class JobRequest:
-    scheduler: str            # slurm | pbs
+    scheduler: str  # slurm | pbs
     nodes: int
-    gpus_per_node: int        # 0: a CPU-only job (tests, debugging)
-    ranks_per_node: int       # one per GPU
+    gpus_per_node: int  # 0: a CPU-only job (tests, debugging)
+    ranks_per_node: int  # one per GPU
     cpus_per_rank: int | None  # None: the site's default
-    time: str                 # HH:MM:SS
+    time: str  # HH:MM:SS
     time_seconds: int
-    warning_seconds: int      # the stop request comes this long before the time limit
+    warning_seconds: int  # the stop request comes this long before the time limit
     account: str | None
-    queue: str | None         # SLURM partition or PBS queue
+    queue: str | None  # SLURM partition or PBS queue
     job_name: str
-    launcher: str             # mpirun | srun (SLURM only)
+    launcher: str  # mpirun | srun (SLURM only)
     template: Path
     modules: tuple[str, ...]
     venv: Path
-    entry: str                # folder | dali
+    entry: str  # folder | dali
     train_args: tuple[str, ...]
-    run_dir: Path             # --log-dir, absolute
-    workdir: Path             # where relative paths in train_args point from
-    chain: int                # jobs submitted one after another (afterany)
-    script: Path              # where the rendered script goes
+    run_dir: Path  # --log-dir, absolute
+    workdir: Path  # where relative paths in train_args point from
+    chain: int  # jobs submitted one after another (afterany)
+    script: Path  # where the rendered script goes
 
     @property
     def ranks(self) -> int:
@@ -92,8 +93,10 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
         ranks_per_node = ns.ranks_per_node
     else:
         if ns.ranks_per_node not in (None, ns.gpus_per_node):
-            raise UsageError(f"one rank per GPU: --ranks-per-node {ns.ranks_per_node} differs from "
-                             f"--gpus-per-node {ns.gpus_per_node} (leave it out)")
+            raise UsageError(
+                f"one rank per GPU: --ranks-per-node {ns.ranks_per_node} differs from "
+                f"--gpus-per-node {ns.gpus_per_node} (leave it out)"
+            )
         ranks_per_node = ns.gpus_per_node
     if ranks_per_node < 1:
         raise UsageError(f"--ranks-per-node must be at least 1, got {ranks_per_node}")
@@ -103,8 +106,10 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
     if ns.warning < 1:
         raise UsageError(f"--warning must be at least 1 second, got {ns.warning}")
     if ns.warning >= time_seconds:
-        raise UsageError(f"--warning {ns.warning} s leaves no time to train in --time {ns.time} "
-                         f"({time_seconds} s); lower --warning or raise --time")
+        raise UsageError(
+            f"--warning {ns.warning} s leaves no time to train in --time {ns.time} "
+            f"({time_seconds} s); lower --warning or raise --time"
+        )
     if ns.scheduler == "slurm" and ns.warning > SLURM_MAX_SIGNAL_SECONDS:
         raise UsageError(f"--warning {ns.warning}: SLURM's --signal takes at most {SLURM_MAX_SIGNAL_SECONDS} s")
     if ns.chain < 1:
@@ -127,17 +132,37 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
     if not (venv / "bin" / "activate").is_file():
         raise UsageError(f"--venv {ns.venv}: no bin/activate there (the environment the job activates)")
     return JobRequest(
-        scheduler=ns.scheduler, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, ranks_per_node=ranks_per_node,
-        cpus_per_rank=ns.cpus_per_rank, time=ns.time, time_seconds=time_seconds, warning_seconds=ns.warning,
-        account=ns.account, queue=ns.queue, job_name=job_name, launcher=launcher, template=template,
-        modules=tuple(ns.module), venv=venv, entry=ns.entry, train_args=tuple(train_args), run_dir=run_dir,
-        workdir=cwd, chain=ns.chain, script=script)
+        scheduler=ns.scheduler,
+        nodes=ns.nodes,
+        gpus_per_node=ns.gpus_per_node,
+        ranks_per_node=ranks_per_node,
+        cpus_per_rank=ns.cpus_per_rank,
+        time=ns.time,
+        time_seconds=time_seconds,
+        warning_seconds=ns.warning,
+        account=ns.account,
+        queue=ns.queue,
+        job_name=job_name,
+        launcher=launcher,
+        template=template,
+        modules=tuple(ns.module),
+        venv=venv,
+        entry=ns.entry,
+        train_args=tuple(train_args),
+        run_dir=run_dir,
+        workdir=cwd,
+        chain=ns.chain,
+        script=script,
+    )
 
 
 def _with_engine(train_args: list[str], engine: str) -> list[str]:
     """The training arguments with the job's --engine, said once."""
-    given = [a.split("=", 1)[1] if "=" in a else (train_args[i + 1] if i + 1 < len(train_args) else "")
-             for i, a in enumerate(train_args) if a.split("=", 1)[0] == "--engine"]
+    given = [
+        a.split("=", 1)[1] if "=" in a else (train_args[i + 1] if i + 1 < len(train_args) else "")
+        for i, a in enumerate(train_args)
+        if a.split("=", 1)[0] == "--engine"
+    ]
     if engine == "auto" or given == [engine]:
         return train_args
     if given:
@@ -162,17 +187,23 @@ def _check_training(train_args: list[str], entry: str, cwd: Path) -> Path:
         raise UsageError("no training arguments: put them after '--', e.g. -- --train-dir T --val-dir V --log-dir RUN")
     flags = {a.split("=", 1)[0] for a in train_args if a.startswith("--")}
     if "--log-dir" not in flags:
-        raise UsageError("the training arguments need --log-dir RUN_DIR: the job keeps its checkpoints, "
-                         "TensorBoard events and status there, and continues from them")
+        raise UsageError(
+            "the training arguments need --log-dir RUN_DIR: the job keeps its checkpoints, "
+            "TensorBoard events and status there, and continues from them"
+        )
     try:
         cfg = parse_config(list(train_args), entry)
     except UsageError as e:
         raise UsageError(f"training arguments: {e}") from None
     if cfg.run.resume != "auto":
-        raise UsageError(f"training arguments: --resume {cfg.run.resume}: job scripts always continue with "
-                         f"--resume auto (a fresh run needs a new --log-dir)")
+        raise UsageError(
+            f"training arguments: --resume {cfg.run.resume}: job scripts always continue with "
+            f"--resume auto (a fresh run needs a new --log-dir)"
+        )
     run_dir = Path(os.path.abspath(cwd / cfg.run.log_dir))
     if re.search(r"[\s'\"#\\%]", str(run_dir)):
-        raise UsageError(f"--log-dir {shlex.quote(str(run_dir))}: scheduler directives cannot take a path "
-                         f"with spaces, quotes, '#' or '%'; choose another run directory")
+        raise UsageError(
+            f"--log-dir {shlex.quote(str(run_dir))}: scheduler directives cannot take a path "
+            f"with spaces, quotes, '#' or '%'; choose another run directory"
+        )
     return run_dir

@@ -23,6 +23,7 @@ grew past --since), so a run that fails is never resubmitted over and over:
 - --how none: says to submit the script again, exit 0.
 Everything it says goes to stderr, prefixed "largebatch: ", into the job's log.
 """
+
 from __future__ import annotations
 
 import json

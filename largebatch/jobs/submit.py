@@ -1,5 +1,6 @@
 """Submit a rendered script with sbatch or qsub: one job, or a chain of K jobs where each
 waits for the one before it to end, however it ended (afterany)."""
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,9 @@ def job_id(scheduler: str, stdout: str) -> str:
     text = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     found = re.fullmatch(r"(\d+)(;\S+)?", text) if scheduler == "slurm" else re.fullmatch(r"\d+(\[\])?\.?\S*", text)
     if not found:
-        raise SubmitError(f"could not read a job id from {'sbatch' if scheduler == 'slurm' else 'qsub'}'s "
-                          f"answer {stdout.strip()!r}")
+        raise SubmitError(
+            f"could not read a job id from {'sbatch' if scheduler == 'slurm' else 'qsub'}'s answer {stdout.strip()!r}"
+        )
     return found[1] if scheduler == "slurm" else text
 
 
@@ -47,11 +49,14 @@ def submit(scheduler: str, script: Path, chain: int, dry_run: bool, say=print) -
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except FileNotFoundError:
-            raise UsageError(f"{cmd[0]} is not on PATH: submit from a login node of the cluster, or "
-                             f"`render` the script and submit it there") from None
+            raise UsageError(
+                f"{cmd[0]} is not on PATH: submit from a login node of the cluster, or "
+                f"`render` the script and submit it there"
+            ) from None
         except subprocess.TimeoutExpired:
-            raise SubmitError(f"{shlex.join(cmd)} did not answer in 120 s; check the queue before "
-                              f"submitting again") from None
+            raise SubmitError(
+                f"{shlex.join(cmd)} did not answer in 120 s; check the queue before submitting again"
+            ) from None
         if proc.returncode != 0:
             done = f" (already submitted: {' '.join(ids)})" if ids else ""
             answer = " / ".join((proc.stderr.strip() or proc.stdout.strip()).splitlines())

@@ -39,15 +39,25 @@ Modules: ``layer`` (the layer and its autograd functions), ``loss`` (the cross-e
 scatter), ``head`` (the seam the job calls: ``DenseClassifier`` or ``ShardedClassifier``).
 For a user's own script, the names below are the API; see docs/model_parallel.md.
 """
+
 from .head import DenseClassifier, ShardedClassifier, build_classifier
-from .layer import (ParallelLinear, ShardingError, ShardNorms, convert_parallel_linear, share_norms, shard_range,
-                    shard_sizes, sharded_parameter_names, shards)
+from .layer import (
+    ParallelLinear,
+    ShardingError,
+    ShardNorms,
+    convert_parallel_linear,
+    shard_range,
+    shard_sizes,
+    sharded_parameter_names,
+    shards,
+    share_norms,
+)
 from .lockstep import LockstepInput
 from .loss import ParallelCrossEntropyLoss
 from .state import broadcast_checkpoint, dense_state
 
-
 # --- TorchShard's names, for a user's own DDP or Horovod script (docs/model_parallel.md) -----------
+
 
 def collect_state_dict(model, optimizer, engine) -> dict | None:
     """TorchShard's ``collect_state_dict``: ``{"model": ..., "optimizer": ...}`` in the dense
@@ -74,16 +84,36 @@ def engine_for_process_group():
     import torch.distributed as dist
 
     from ..engines.torch import TorchEngine
+
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: call init_process_group first, "
-                           "or use largebatch.engines.init_engine('torch')")
+        raise RuntimeError(
+            "torch.distributed is not initialised: call init_process_group first, "
+            "or use largebatch.engines.init_engine('torch')"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     device = "cuda" if dist.get_backend() in ("nccl", "cpu:gloo,cuda:nccl") else "cpu"
     return TorchEngine(dist.get_rank(), dist.get_world_size(), local_rank, local_size, device)
 
 
-__all__ = ["collect_state_dict", "relocate_state_dict", "engine_for_process_group", "DenseClassifier", "ShardedClassifier", "build_classifier", "ParallelLinear", "ShardingError",
-           "ShardNorms", "convert_parallel_linear", "share_norms", "shard_range", "shard_sizes",
-           "sharded_parameter_names", "shards", "LockstepInput", "ParallelCrossEntropyLoss",
-           "broadcast_checkpoint", "dense_state"]
+__all__ = [
+    "collect_state_dict",
+    "relocate_state_dict",
+    "engine_for_process_group",
+    "DenseClassifier",
+    "ShardedClassifier",
+    "build_classifier",
+    "ParallelLinear",
+    "ShardingError",
+    "ShardNorms",
+    "convert_parallel_linear",
+    "share_norms",
+    "shard_range",
+    "shard_sizes",
+    "sharded_parameter_names",
+    "shards",
+    "LockstepInput",
+    "ParallelCrossEntropyLoss",
+    "broadcast_checkpoint",
+    "dense_state",
+]

@@ -7,13 +7,14 @@ out of gradient averaging and the start-up broadcast), how the input must be fed
 and its top-k counts, the optimizer's view of norms, and how a checkpoint is gathered and
 handed out.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..metrics import topk_hits
-from .layer import convert_parallel_linear, share_norms, shards
+from .layer import convert_parallel_linear, shards, share_norms
 from .lockstep import LockstepInput
 from .loss import ParallelCrossEntropyLoss
 from .state import broadcast_checkpoint, dense_state
@@ -76,8 +77,9 @@ class ShardedClassifier(DenseClassifier):
         return broadcast_checkpoint(state, model, optimizer, self.engine)
 
 
-def build_classifier(engine, num_classes: int, label_smoothing: float, sharded: bool = False,
-                     dim: int = 1) -> DenseClassifier:
+def build_classifier(
+    engine, num_classes: int, label_smoothing: float, sharded: bool = False, dim: int = 1
+) -> DenseClassifier:
     if sharded:
         return ShardedClassifier(engine, num_classes, label_smoothing, dim)
     return DenseClassifier(engine, num_classes, label_smoothing)

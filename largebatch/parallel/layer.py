@@ -3,6 +3,7 @@ what a layer-wise optimizer needs to see whole norms (``ShardNorms``).
 
 See ``largebatch/parallel/__init__.py`` for the layouts and why the gradients are exact.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ def gather_rows(tensor: torch.Tensor, engine, name: str) -> tuple[torch.Tensor, 
     """Every rank's rows, concatenated in rank order, and where this rank's rows start.
     Ranks may hold different numbers of rows (a batch short of unreadable images), or none."""
     counts = engine.allgather(torch.tensor([tensor.shape[0]]), name=f"{name}.rows").tolist()
-    return engine.allgather(tensor.detach().contiguous(), name=name), sum(counts[:engine.rank])
+    return engine.allgather(tensor.detach().contiguous(), name=name), sum(counts[: engine.rank])
 
 
 class _GatherRows(torch.autograd.Function):
@@ -53,8 +54,10 @@ class _SumScatterClasses(torch.autograd.Function):
     def forward(ctx, partial, engine, name, local_classes):
         out = engine.reducescatter_sum(partial.contiguous(), name=name)
         if out.shape[0] != local_classes:
-            raise RuntimeError(f"the engine's reducescatter gave rank {engine.rank} {out.shape[0]} classes, "
-                               f"expected {local_classes}: its split rule is not the one this layer assumes")
+            raise RuntimeError(
+                f"the engine's reducescatter gave rank {engine.rank} {out.shape[0]} classes, "
+                f"expected {local_classes}: its split rule is not the one this layer assumes"
+            )
         ctx.engine, ctx.name = engine, name
         return out
 
@@ -68,16 +71,19 @@ class ParallelLinear(nn.Module):
     ``dim`` (1: output classes, 0: input features). Takes this rank's rows of features and
     returns this rank's class slice of the logits for every rank's rows, in rank order."""
 
-    def __init__(self, in_features: int, out_features: int, dim: int, engine, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, dim: int, engine, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         if dim not in (0, 1):
             raise ValueError(f"dim must be 0 (split input features) or 1 (split output classes), got {dim}")
         # Both layouts leave each rank a slice of the classes (dim 0 after its reduce-scatter).
         for count, what in [(out_features, "classes")] + ([(in_features, "input features")] if dim == 0 else []):
             if count < engine.size:
-                raise ShardingError(f"dim {dim} splits the classifier's {count} {what} over "
-                                    f"{engine.size} processes: fewer than one each")
+                raise ShardingError(
+                    f"dim {dim} splits the classifier's {count} {what} over "
+                    f"{engine.size} processes: fewer than one each"
+                )
         self.in_features, self.out_features, self.dim, self.engine = in_features, out_features, dim, engine
         self.class_range = shard_range(out_features, engine.size, engine.rank)
         self.feature_range = shard_range(in_features, engine.size, engine.rank) if dim == 0 else (0, in_features)
@@ -113,9 +119,16 @@ class ParallelLinear(nn.Module):
         return shard_sizes(self.out_features, self.engine.size)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, dim: int, engine) -> "ParallelLinear":
-        layer = cls(linear.in_features, linear.out_features, dim, engine, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+    def from_dense(cls, linear: nn.Linear, dim: int, engine) -> ParallelLinear:
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            dim,
+            engine,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
         with torch.no_grad():
             (c0, c1), (f0, f1) = layer.class_range, layer.feature_range
             layer.weight.copy_(linear.weight[c0:c1] if dim == 1 else linear.weight[:, f0:f1])
@@ -134,8 +147,10 @@ class ParallelLinear(nn.Module):
         return logits + self.bias if self.bias is not None else logits.contiguous()
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
-                f"rank={self.engine.rank}/{self.engine.size}, classes={self.class_range}, features={self.feature_range}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
+            f"rank={self.engine.rank}/{self.engine.size}, classes={self.class_range}, features={self.feature_range}"
+        )
 
 
 def convert_parallel_linear(model: nn.Module, dim: int, engine) -> nn.Module:
@@ -148,8 +163,10 @@ def convert_parallel_linear(model: nn.Module, dim: int, engine) -> nn.Module:
         if isinstance(module, nn.Linear):
             last = name, module
     if last is None:
-        raise ShardingError(f"a model-parallel classifier needs a model whose classifier is an nn.Linear; "
-                            f"{type(model).__name__} has none")
+        raise ShardingError(
+            f"a model-parallel classifier needs a model whose classifier is an nn.Linear; "
+            f"{type(model).__name__} has none"
+        )
     name, linear = last
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, ParallelLinear.from_dense(linear, dim, engine))
@@ -159,9 +176,10 @@ def convert_parallel_linear(model: nn.Module, dim: int, engine) -> nn.Module:
 @dataclass
 class Shard:
     """A parameter that is one rank's slice of a dense tensor."""
+
     param: nn.Parameter
-    axis: int               # the dense tensor's axis it is a slice of
-    sizes: list[int]        # every rank's extent along that axis
+    axis: int  # the dense tensor's axis it is a slice of
+    sizes: list[int]  # every rank's extent along that axis
 
     @property
     def dense_shape(self) -> tuple[int, ...]:
@@ -177,8 +195,9 @@ def shards(model: nn.Module) -> dict[str, Shard]:
     for prefix, module in model.named_modules():
         if isinstance(module, ParallelLinear):
             for pname, axis in module.shard_axes().items():
-                out[f"{prefix}.{pname}" if prefix else pname] = Shard(getattr(module, pname), axis,
-                                                                      module.dense_sizes(pname))
+                out[f"{prefix}.{pname}" if prefix else pname] = Shard(
+                    getattr(module, pname), axis, module.dense_sizes(pname)
+                )
     return out
 
 
@@ -212,5 +231,3 @@ def share_norms(optimizer, model: nn.Module, engine) -> None:
     SGD uses no norms and has no such hook."""
     if shards(model) and hasattr(optimizer, "norms_across_shards"):
         optimizer.norms_across_shards = ShardNorms(model, engine)
-
-

@@ -1,4 +1,5 @@
 """Input for a sharded classifier: every rank takes part in every batch."""
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,10 @@ class LockstepInput:
     def _empty(self, like):
         images, labels = like if like is not None else (None, None)
         if images is None:  # none seen yet: the shape every input produces
-            return (torch.zeros(self.empty_shape, device=self.device),
-                    torch.zeros(0, dtype=torch.long, device=self.device))
+            return (
+                torch.zeros(self.empty_shape, device=self.device),
+                torch.zeros(0, dtype=torch.long, device=self.device),
+            )
         return images[:0], labels[:0]
 
     def train(self, epoch: int, start_batch: int = 0):
@@ -46,5 +49,3 @@ class LockstepInput:
                 yield item
         finally:
             getattr(batches, "close", lambda: None)()
-
-

@@ -1,4 +1,5 @@
 """Cross-entropy over logits split by class, from per-row collectives only."""
+
 from __future__ import annotations
 
 import torch
@@ -65,8 +66,10 @@ class ParallelCrossEntropyLoss(nn.Module):
     def _targets(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         full, start = gather_rows(target, self.engine, "mp.targets")
         if full.shape[0] != logits.shape[0]:
-            raise ValueError(f"logits have {logits.shape[0]} rows but the ranks' targets {full.shape[0]}: "
-                             f"pass this rank's slice of the logits for the whole global batch")
+            raise ValueError(
+                f"logits have {logits.shape[0]} rows but the ranks' targets {full.shape[0]}: "
+                f"pass this rank's slice of the logits for the whole global batch"
+            )
         return full.to(logits.device), start
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -87,5 +90,3 @@ class ParallelCrossEntropyLoss(nn.Module):
         above = self.engine.allreduce_sum((logits > target_logit[:, None]).sum(dim=1), name="mp.hits.above")
         rows = slice(start, start + own)
         return [((above < k) & valid)[rows].sum() for k in ks]
-
-

@@ -5,6 +5,7 @@ per-parameter tensors: momentum, Adam moments) on rank 0; ``broadcast_checkpoint
 each rank its slice, so a run can resume with any number of processes, with or without
 model parallelism.
 """
+
 from __future__ import annotations
 
 import torch
@@ -92,8 +93,9 @@ def broadcast_checkpoint(state: dict | None, model: nn.Module, optimizer, engine
     state, plan = engine.broadcast_object((state, plan), name="checkpoint")
     for name, key in plan:
         shard = sharded[name]
-        mine = _scatter_from_root(dense.pop((name, key), None), shard, engine,
-                                  name=f"mp.load.{name}" + (f".{key}" if key else ""))
+        mine = _scatter_from_root(
+            dense.pop((name, key), None), shard, engine, name=f"mp.load.{name}" + (f".{key}" if key else "")
+        )
         if key is None:
             state["model"][name] = mine
         else:

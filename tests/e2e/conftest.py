@@ -34,8 +34,15 @@ SCRIPTS = Path(__file__).parent / "scripts"
 # The helper scripts run under mpirun -np 2 on each engine, all in one job per engine
 # (scripts/checks.py): NAME[:ARG], ARG given to the script's check. startup_broadcast's is
 # the run directory it writes, added by engine_checks.
-ENGINE_CHECKS = ("accumulation:lars", "accumulation:sgd", "compression", "loss_scaling", "parallel_step:1",
-                 "parallel_step:0", "startup_broadcast")
+ENGINE_CHECKS = (
+    "accumulation:lars",
+    "accumulation:sgd",
+    "compression",
+    "loss_scaling",
+    "parallel_step:1",
+    "parallel_step:0",
+    "startup_broadcast",
+)
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +61,11 @@ def engine_checks(tmp_path_factory):
         proc = jobs[engine]
         reports = [r for r in results(proc.stdout) if r.get("script") == name and (arg is None or r.get("arg") == arg)]
         failed = [r["failed"] for r in reports if "failed" in r]
-        assert reports and not failed, (f"{name} {arg or ''} on {engine}: " + ("\n".join(failed) if failed else
-                                        f"no report (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"))
+        assert reports and not failed, f"{name} {arg or ''} on {engine}: " + (
+            "\n".join(failed)
+            if failed
+            else f"no report (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
         return reports
 
     return get
@@ -64,6 +74,7 @@ def engine_checks(tmp_path_factory):
 @dataclass(frozen=True)
 class Run:
     """A finished training run that several tests read (never change: copy it first)."""
+
     run_dir: Path
     flags: tuple  # after job_args(data, run_dir, ...): the same run's flags, to resume or extend it
     stdout: str

@@ -1,5 +1,6 @@
 """Shared by the scheduler tests: render/submit through the real command, follow a job's
 log, and read back what a run that was stopped and continued left behind."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,31 @@ from largebatch.events import read_records
 
 
 def train_args(data: Path, log_dir: str, epochs: int) -> list[str]:
-    return ["--train-dir", str(data / "train"), "--val-dir", str(data / "val"), "--log-dir", log_dir,
-            *FAST, "--epochs", str(epochs), "--seed", "3"]
+    return [
+        "--train-dir",
+        str(data / "train"),
+        "--val-dir",
+        str(data / "val"),
+        "--log-dir",
+        log_dir,
+        *FAST,
+        "--epochs",
+        str(epochs),
+        "--seed",
+        "3",
+    ]
 
 
 def jobs_cli(*args: str, cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """python -m largebatch.jobs ..., as a user runs it; fails the test on a non-zero exit."""
-    proc = subprocess.run([PYTHON, "-m", "largebatch.jobs", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd, env={**env(), **(extra_env or {})})
+    proc = subprocess.run(
+        [PYTHON, "-m", "largebatch.jobs", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**env(), **(extra_env or {})},
+    )
     assert proc.returncode == 0, f"largebatch.jobs {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -86,5 +104,7 @@ def check_continued_run(run_dir: Path, epochs: int, steps_per_epoch: int, stop_s
     assert set(train.values()) == {1}, f"steps trained twice: {sorted(s for s, n in train.items() if n > 1)}"
     val = step_counts(files, "val/top1")
     assert val == Counter({steps_per_epoch * (e + 1): 1 for e in range(epochs)}), f"validations: {val}"
-    began = min(step_counts(files[1:], "train/loss"), default=total + 1)  # nothing left to train when stopped at the very last step
+    began = min(
+        step_counts(files[1:], "train/loss"), default=total + 1
+    )  # nothing left to train when stopped at the very last step
     assert began == stop_step + 1, f"the second job began at step {began}, the first stopped at {stop_step}"

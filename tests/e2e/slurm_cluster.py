@@ -4,6 +4,7 @@ configured and run from a temporary directory, on free ports, shut down afterwar
 Debian's packages (tools/install_slurm.sh) are what it was made with; root is needed to
 start munged as the munge user and slurmd as root. ``missing()`` says why it cannot run.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,10 @@ def missing() -> str | None:
     """Why a cluster cannot start here, or None."""
     absent = [b for b in DAEMONS + CLIENTS if not which(b)]
     if absent:
-        return (f"SLURM is not installed ({', '.join(absent)} missing): "
-                f"run tools/install_slurm.sh as root (Debian: slurmctld slurmd slurm-client munge)")
+        return (
+            f"SLURM is not installed ({', '.join(absent)} missing): "
+            f"run tools/install_slurm.sh as root (Debian: slurmctld slurmd slurm-client munge)"
+        )
     if os.geteuid() != 0:
         return "starting munged as the munge user and slurmd needs root"
     try:
@@ -75,7 +78,7 @@ class SlurmCluster:
         self.files = []  # the daemons' stderr
 
     @classmethod
-    def start(cls, base_env: dict) -> "SlurmCluster":
+    def start(cls, base_env: dict) -> SlurmCluster:
         root = Path(tempfile.mkdtemp(prefix="largebatch-slurm-"))
         root.chmod(0o755)  # munged (not root) must reach its socket directory
         cluster = cls(root, base_env)
@@ -101,10 +104,22 @@ class SlurmCluster:
         d.chmod(0o711)  # munged insists: its socket's directory is searchable by all
         self.munge_socket = d / "munge.socket"
         self.procs["munged"] = subprocess.Popen(
-            [which("munged"), "--foreground", f"--key-file={key}", f"--socket={self.munge_socket}",
-             f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"],
-            user=munge.pw_uid, group=munge.pw_gid, extra_groups=[], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=self._stderr("munged"))
+            [
+                which("munged"),
+                "--foreground",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={d / 'munged.pid'}",
+                f"--log-file={d / 'munged.log'}",
+                f"--seed-file={d / 'munged.seed'}",
+            ],
+            user=munge.pw_uid,
+            group=munge.pw_gid,
+            extra_groups=[],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr("munged"),
+        )
         _wait("munged", lambda: self.munge_socket.exists() or self.procs["munged"].poll() is not None, 20)
         if self.procs["munged"].poll() is not None:
             raise RuntimeError(f"munged exited: {(d / 'munged.log').read_text()[-2000:]}")
@@ -128,12 +143,12 @@ AuthType=auth/munge
 CredType=cred/munge
 # cred_expire: a requeued job would otherwise wait 121 s before it may start again
 AuthInfo=socket={self.munge_socket},cred_expire=10
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "slurmctld.log"}
+SlurmdLogFile={r / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -148,17 +163,20 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE DefaultTime=10 State=
 """)
 
     def _start_slurm(self) -> None:
-        for name, cmd in (("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)]),
-                          ("slurmd", [which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])):
-            self.procs[name] = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                                stdout=subprocess.DEVNULL,
-                                                stderr=self._stderr(name))
+        for name, cmd in (
+            ("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)]),
+            ("slurmd", [which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)]),
+        ):
+            self.procs[name] = subprocess.Popen(
+                cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr(name)
+            )
         _wait("the SLURM node", lambda: self.node_state() == "idle", 60, self.root / "slurmd.log")
 
     # --- use -------------------------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([which(cmd[0]) or cmd[0], *cmd[1:]], env=self.env, capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run(
+            [which(cmd[0]) or cmd[0], *cmd[1:]], env=self.env, capture_output=True, text=True, timeout=60
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -183,8 +201,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE DefaultTime=10 State=
             time.sleep(1)
 
     def log_tail(self) -> str:
-        return "\n".join(f"--- {name}\n{(self.root / name).read_text()[-2000:]}"
-                         for name in ("slurmctld.log", "slurmd.log") if (self.root / name).exists())
+        return "\n".join(
+            f"--- {name}\n{(self.root / name).read_text()[-2000:]}"
+            for name in ("slurmctld.log", "slurmd.log")
+            if (self.root / name).exists()
+        )
 
     # --- shut-down -------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -4,6 +4,7 @@ traceback and no rank left waiting.
 What one process shows runs the entry scripts' main in the test's process (run_in_process:
 no 9 s of importing torch per case); the first test runs the script as a process, and the
 two-rank test under mpirun."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,7 +15,7 @@ from helpers import job_args, run_in_process, run_job
 
 
 def assert_usage_error(proc, *fragments):
-    lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert lines, proc.stderr
     for fragment in fragments:
@@ -33,8 +34,12 @@ def test_flag_errors_before_any_work(tmp_path):
 
 @pytest.mark.mpi
 def test_missing_data_directory_stops_both_ranks(tmp_path, engine):
-    proc = run_job(job_args(tmp_path / "nowhere", tmp_path / "run", "--epochs", "1", "--engine", engine), np=2,
-                   check=False, timeout=120)
+    proc = run_job(
+        job_args(tmp_path / "nowhere", tmp_path / "run", "--epochs", "1", "--engine", engine),
+        np=2,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "--train-dir" in proc.stderr and "no such directory" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,5 +1,6 @@
 """The DALI input and the TFRecord converter end to end: real JPEG folders converted by the
 real command, real DALI CPU pipelines, real `mpirun -np 2` jobs."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,19 @@ import pytest
 import torch
 from torchvision import datasets
 
-from helpers import (FAST, MODEL, PYTHON, ROOT, TRAIN_DALI, env, latest_checkpoint, results, run_and_signal, run_job,
-                     run_mpi_script)
+from helpers import (
+    FAST,
+    MODEL,
+    PYTHON,
+    ROOT,
+    TRAIN_DALI,
+    env,
+    latest_checkpoint,
+    results,
+    run_and_signal,
+    run_job,
+    run_mpi_script,
+)
 from largebatch.config import UsageError, parse_config
 from largebatch.data import tfrecord
 from largebatch.data.dali import DaliInput
@@ -21,13 +33,38 @@ from largebatch.data.folder import val_transform
 from largebatch.events import read_scalars
 
 SCRIPTS = Path(__file__).parent / "scripts"
-SMALL = ["--image-size", "16", "--val-resize", "16", "--batch-size", "16", "--val-batch-size", "32",
-         "--model", MODEL, "--dali-device", "cpu", "--dali-threads", "2"]
+SMALL = [
+    "--image-size",
+    "16",
+    "--val-resize",
+    "16",
+    "--batch-size",
+    "16",
+    "--val-batch-size",
+    "32",
+    "--model",
+    MODEL,
+    "--dali-device",
+    "cpu",
+    "--dali-threads",
+    "2",
+]
 
 
 def convert(src: Path, out: Path, *extra, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "largebatch.data.tfrecord", "convert", src, out, "--shard-size", "50", "--workers", "2",
-           *extra]
+    cmd = [
+        PYTHON,
+        "-m",
+        "largebatch.data.tfrecord",
+        "convert",
+        src,
+        out,
+        "--shard-size",
+        "50",
+        "--workers",
+        "2",
+        *extra,
+    ]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -73,11 +110,15 @@ def record_names(root: Path) -> dict[str, str]:
 def val_labels(root: Path) -> dict[str, int]:
     """{image/filename: label} as the DALI pipeline yields them for the validation split."""
     names = record_names(root)
-    return {names[i]: y for _, labels, ids in dali_input(root, "tfrecord").batches("validation", with_ids=True)
-            for i, y in zip(ids, labels.tolist())}
+    return {
+        names[i]: y
+        for _, labels, ids in dali_input(root, "tfrecord").batches("validation", with_ids=True)
+        for i, y in zip(ids, labels.tolist())
+    }
 
 
 # --- the converter ---------------------------------------------------------------------------
+
 
 @pytest.mark.dali  # compares with DALI's own tfrecord2idx
 def test_converter_layout_labels_and_index(digits, records, tmp_path):
@@ -166,6 +207,7 @@ def test_index_subcommand_for_existing_records(records, tmp_path):
 
 
 # --- the DALI pipeline -------------------------------------------------------------------------
+
 
 @pytest.mark.dali
 @pytest.mark.parametrize("fmt", ["tfrecord", "folder"])
@@ -258,8 +300,12 @@ def test_corrupt_images_are_named(digits, records, tmp_path):
     payloads[7] = tfrecord.encode_example({tfrecord.ENCODED: b"garbage", tfrecord.LABEL: example[tfrecord.LABEL][0]})
     shard.write_bytes(b"".join(tfrecord.frame(p) for p in payloads))
     tfrecord.index_file((shard, bad / "idx_files" / "train" / shard.name))
-    proc = run_job(["--data-dir", bad, *FAST, "--dali-device", "cpu", "--log-dir", tmp_path / "run", "--epochs", "1"],
-                   np=1, script=TRAIN_DALI, check=False)
+    proc = run_job(
+        ["--data-dir", bad, *FAST, "--dali-device", "cpu", "--log-dir", tmp_path / "run", "--epochs", "1"],
+        np=1,
+        script=TRAIN_DALI,
+        check=False,
+    )
     line = one_line_error(proc)
     assert f"unreadable image in {shard}, the record at byte {found[7][0]}" in line, line
 
@@ -268,12 +314,17 @@ def test_corrupt_images_are_named(digits, records, tmp_path):
 def test_gpu_pipeline_without_gpu_is_a_one_line_error(records, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = run_job(["--data-dir", records, *FAST, "--dali-device", "gpu", "--log-dir", tmp_path / "run"], np=1,
-                   script=TRAIN_DALI, check=False)
+    proc = run_job(
+        ["--data-dir", records, *FAST, "--dali-device", "gpu", "--log-dir", tmp_path / "run"],
+        np=1,
+        script=TRAIN_DALI,
+        check=False,
+    )
     assert "--dali-device gpu needs a GPU" in one_line_error(proc)
 
 
 # --- the training job ---------------------------------------------------------------------------
+
 
 @pytest.mark.dali
 @pytest.mark.mpi

@@ -1,26 +1,40 @@
 """The two engines side by side: the same training from the same seed, a run moved from one
 to the other, auto-selection, torchrun (single- and multi-node rendezvous), and the torch
 engine on a machine where Horovod cannot be imported."""
+
 from __future__ import annotations
 
 import socket
 import subprocess
 
 import pytest
-
-from helpers import (MODEL, PYTHON, ROOT, TRAIN, env, job_args, latest_checkpoint, mpi_command, run_and_signal,
-                     run_in_process, run_job)
 from test_bad_input import assert_usage_error
+
+from helpers import (
+    MODEL,
+    PYTHON,
+    ROOT,
+    TRAIN,
+    env,
+    job_args,
+    latest_checkpoint,
+    mpi_command,
+    run_and_signal,
+    run_in_process,
+    run_job,
+)
 
 pytestmark = pytest.mark.mpi
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
 
 
-def torchrun(args: list, nproc: int = 2, launcher: list | None = None, timeout: float = 300,
-             extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list, nproc: int = 2, launcher: list | None = None, timeout: float = 300, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     cmd = [*(launcher or [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc)]), TRAIN, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})},
-                          cwd=ROOT)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})}, cwd=ROOT
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -66,10 +80,31 @@ def test_torchrun_multi_node_rendezvous(digits, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = job_args(digits, tmp_path / "run", "--epochs", "1")
-    agents = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", TRAIN, *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
-              for _ in range(2)]
+    agents = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "test",
+                TRAIN,
+                *map(str, args),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env(),
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
     outputs = [a.communicate(timeout=300)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert any("2 process(es), torch engine" in o for o in outputs)
@@ -96,16 +131,39 @@ def test_torch_engine_never_imports_horovod(digits, tmp_path):
     assert latest_checkpoint(tmp_path / "auto")["engine"] == "torch"
 
 
-@pytest.mark.parametrize("engine_name, flags, fragment", [
-    ("torch", ["--use-adasum"], "--use-adasum needs the Horovod engine"),
-    ("torch", ["--prof", "2", "--timeline"], "--timeline needs the Horovod engine"),
-    ("horovod", ["--bf16-allreduce"], "--bf16-allreduce needs the torch engine")])
+@pytest.mark.parametrize(
+    "engine_name, flags, fragment",
+    [
+        ("torch", ["--use-adasum"], "--use-adasum needs the Horovod engine"),
+        ("torch", ["--prof", "2", "--timeline"], "--timeline needs the Horovod engine"),
+        ("horovod", ["--bf16-allreduce"], "--bf16-allreduce needs the torch engine"),
+    ],
+)
 def test_flags_of_one_engine_are_refused_under_the_other(engine_name, flags, fragment, tmp_path):
     """Under Horovod: a real 2-rank job. The torch engine's refusals come from the same check
     (job.start_engine) on a one-process group, in the test's process."""
-    args = ["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16", "--val-resize", "16",
-            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--engine", engine_name,
-            "--log-dir", tmp_path / "run", *flags]
+    args = [
+        "--synthetic",
+        "--synthetic-size",
+        "64",
+        "--model",
+        MODEL,
+        "--image-size",
+        "16",
+        "--val-resize",
+        "16",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--engine",
+        engine_name,
+        "--log-dir",
+        tmp_path / "run",
+        *flags,
+    ]
     if engine_name == "horovod":
         proc = run_job(args, np=2, check=False, timeout=120)
     else:
@@ -117,7 +175,7 @@ def test_compressed_and_predivided_gradients_are_the_average(engine_checks, engi
     """--fp16-allreduce, --bf16-allreduce (torch engine) and --gradient-predivide-factor,
     against the exact average of both ranks' gradients: uncompressed, to fp32 rounding;
     compressed, within the dtype's rounding and not exact (the values did travel narrowed)."""
-    bound = {"none": 1e-6, "fp16": 2 ** -10, "bf16": 2 ** -7}  # twice each type's unit roundoff
+    bound = {"none": 1e-6, "fp16": 2**-10, "bf16": 2**-7}  # twice each type's unit roundoff
     reports = engine_checks(engine, "compression")
     expected = {"none", "fp16", "bf16"} if engine == "torch" else {"none", "fp16"}
     assert {r["compression"] for r in reports} == expected and len(reports) == 2 * 2 * len(expected), reports
@@ -134,7 +192,13 @@ def test_torchrun_selects_the_torch_engine_and_python_m_launch_works(digits, tmp
     assert latest_checkpoint(tmp_path / "run")["engine"] == "torch"
     # The deprecated launcher passes --local-rank to the script (without --use-env).
     launch = [PYTHON, "-m", "torch.distributed.launch", "--nproc_per_node", "2"]
-    proc = subprocess.run([*launch, TRAIN, *map(str, job_args(digits, tmp_path / "launch", "--epochs", "1"))],
-                          capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    proc = subprocess.run(
+        [*launch, TRAIN, *map(str, job_args(digits, tmp_path / "launch", "--epochs", "1"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 process(es), torch engine" in proc.stdout

@@ -1,7 +1,8 @@
 """Faults that used to lose work (issue 13), each injected into a real 2-process run: what
 must survive is checked on the files the run leaves (a resume that ends with an
 uninterrupted run's weights, checkpoints that still load), with the exit status and the one
-line the user reads. README, "What a run leaves behind", says what each guarantees."""
+line the user reads. docs/runs.md, "What a run leaves behind", says what each guarantees."""
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_input import assert_usage_error
 from torchvision import datasets
 
-from helpers import (MODEL, MPIRUN, PYTHON, ROOT, STRAIGHT, TRAIN, env, job_args, latest_checkpoint, mpi_command, run_and_signal,
-                     run_in_process, run_job, signal_ranks)
+from helpers import (
+    MODEL,
+    MPIRUN,
+    PYTHON,
+    ROOT,
+    STRAIGHT,
+    TRAIN,
+    env,
+    job_args,
+    latest_checkpoint,
+    mpi_command,
+    run_and_signal,
+    run_in_process,
+    run_job,
+    signal_ranks,
+)
 from largebatch import checkpoint
 from largebatch.data.sampler import TrainShard
 from largebatch.files import host, temp_path
-from test_bad_input import assert_usage_error
 
 pytestmark = pytest.mark.mpi
 
@@ -40,13 +55,15 @@ LAUNCH = [PYTHON, "-m", "largebatch.launch"]
 
 # --- running jobs in the background ------------------------------------------------------------
 
+
 class Job:
     """A job started in the background whose merged output is read as it comes."""
 
     def __init__(self, cmd: list, marker: str):
         self.marker = marker  # in the command line of its ranks: how the test finds them
-        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env(), cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT
+        )
         self.lines: list[str] = []
         self.done = False
         self._changed = threading.Condition()
@@ -110,8 +127,11 @@ def rank_pids(marker: str) -> dict[int, int]:
     found = {}
     for pid in map(int, subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()):
         try:
-            environ = dict(item.split("=", 1) for item in
-                           Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+            environ = dict(
+                item.split("=", 1)
+                for item in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
         except OSError:
             continue
         rank = environ.get("OMPI_COMM_WORLD_RANK", environ.get("RANK"))  # launchers set it for ranks only
@@ -121,6 +141,7 @@ def rank_pids(marker: str) -> dict[int, int]:
 
 
 # --- what the tests compare ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def straight(straight_runs) -> Path:
@@ -157,7 +178,7 @@ def copy_run(source: Path, tmp_path: Path) -> Path:
 def corrupt_middle(path: Path, nbytes: int = 4096) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle - nbytes // 2: middle + nbytes // 2] = os.urandom(nbytes)
+    data[middle - nbytes // 2 : middle + nbytes // 2] = os.urandom(nbytes)
     path.write_bytes(bytes(data))
 
 
@@ -168,6 +189,7 @@ def dead_pid() -> int:
 
 
 # --- damaged checkpoints -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("damage", ["corrupted", "truncated"])
 def test_damaged_newest_checkpoint_resumes_from_the_older_one(straight, digits, tmp_path, damage):
@@ -190,7 +212,9 @@ def test_damaged_newest_checkpoint_resumes_from_the_older_one(straight, digits, 
 
     proc = run_job(job_args(digits, run_dir, *RUN))
     warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and str(newest) in warnings[0] and "trying an older checkpoint" in warnings[0], proc.stderr
+    assert len(warnings) == 1 and str(newest) in warnings[0] and "trying an older checkpoint" in warnings[0], (
+        proc.stderr
+    )
     assert f"resuming from {older} (epoch 1, step 15)" in proc.stdout
     assert "Traceback" not in proc.stderr
     assert_same_weights(run_dir, straight)
@@ -200,6 +224,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_older_one(straight, digits, 
 
 
 # --- two runs, one directory; a killed run ----------------------------------------------------------
+
 
 def test_second_run_into_the_same_directory_is_refused(digits, tmp_path, background):
     run_dir = tmp_path / "run"
@@ -212,8 +237,11 @@ def test_second_run_into_the_same_directory_is_refused(digits, tmp_path, backgro
     assert holder["pid"] in rank_pids(str(run_dir)).values()
 
     second = run_in_process(args)  # a second run, one process in this one: the lock is the first run's rank 0's
-    assert_usage_error(second, f"--log-dir {run_dir} is in use by a run on host {socket.gethostname()}, "
-                               f"pid {holder['pid']}, started {holder['started']}")
+    assert_usage_error(
+        second,
+        f"--log-dir {run_dir} is in use by a run on host {socket.gethostname()}, "
+        f"pid {holder['pid']}, started {holder['started']}",
+    )
     assert len(error_lines(second.stderr)) == 1, second.stderr
     assert not first.done, "the first run ended before the second was refused: the test proved nothing"
     assert signal_ranks(str(run_dir), signal.SIGTERM) == 2
@@ -257,15 +285,20 @@ def test_stale_temp_file_of_a_dead_writer_is_removed_at_start(straight, digits, 
 
 # --- full disk -----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A real tmpfs, so that ENOSPC comes from the kernel; resized with remount."""
     mount = tmp_path / "fs"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
-                    f"tests/unit/test_checkpoint.py covers the write errors with a file size limit")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
+            f"tests/unit/test_checkpoint.py covers the write errors with a file size limit"
+        )
 
     def resize(nbytes: int) -> None:
         subprocess.run(["mount", "-o", f"remount,size={nbytes // 1024}k", str(mount)], check=True)
@@ -287,9 +320,12 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(straigh
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
-    assert re.search(rf"error: cannot write checkpoint {re.escape(str(second))}: no space left \(needs [\d.]+ MiB, "
-                     rf"[\d.]+ MiB free on {re.escape(str(run_dir))}\); the previous checkpoint "
-                     rf"{re.escape(str(first))} is intact; free space, or lower --keep-checkpoints$", lines[0]), lines[0]
+    assert re.search(
+        rf"error: cannot write checkpoint {re.escape(str(second))}: no space left \(needs [\d.]+ MiB, "
+        rf"[\d.]+ MiB free on {re.escape(str(run_dir))}\); the previous checkpoint "
+        rf"{re.escape(str(first))} is intact; free space, or lower --keep-checkpoints$",
+        lines[0],
+    ), lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not second.exists() and not list(run_dir.glob(".*tmp*")), "the failed write left a file behind"
     assert json.loads((run_dir / checkpoint.MANIFEST).read_text())["files"] == [first.name]
@@ -304,6 +340,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(straigh
 
 
 # --- divergence ----------------------------------------------------------------------------------
+
 
 def poisoned(state: dict, factor: float) -> dict:
     """The checkpoint with its learning rate (the schedule's base rates and the optimizer's
@@ -357,8 +394,9 @@ def test_after_a_divergence_the_run_resumes_from_its_newest_finite_checkpoint(di
     next(iter(state["model"].values())).view(-1)[0] = float("nan")
     torch.save(state, poisoned_copy)
 
-    proc = run_job([*args, "--resume", poisoned_copy, "--max-nonfinite-steps", "1", "--checkpoint-every", "1"],
-                   check=False)
+    proc = run_job(
+        [*args, "--resume", poisoned_copy, "--max-nonfinite-steps", "1", "--checkpoint-every", "1"], check=False
+    )
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "the loss was not finite in 2 optimizer step(s) up to step 12" in proc.stdout, proc.stdout[-2000:]
     entries = json.loads((run_dir / checkpoint.MANIFEST).read_text())["entries"]
@@ -367,14 +405,16 @@ def test_after_a_divergence_the_run_resumes_from_its_newest_finite_checkpoint(di
 
     proc = run_job(args)
     warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
-    assert warnings == [f"warning: {run_dir / 'checkpoint-1-step11.pth.tar'} holds non-finite weights; trying an "
-                        f"older checkpoint"], proc.stderr
+    assert warnings == [
+        f"warning: {run_dir / 'checkpoint-1-step11.pth.tar'} holds non-finite weights; trying an older checkpoint"
+    ], proc.stderr
     assert f"resuming from {finite} (epoch 1, step 10)" in proc.stdout
     assert status(run_dir)["state"] == "finished"
     assert checkpoint.all_finite(checkpoint.load(run_dir / "checkpoint-2.pth.tar"))
 
 
 # --- input the model cannot use ------------------------------------------------------------------
+
 
 def test_class_without_a_readable_image_is_refused(digits, tmp_path):
     data = tmp_path / "data"
@@ -414,6 +454,7 @@ def test_unreadable_and_shrunk_batches_keep_the_ranks_in_step(digits, tmp_path, 
 
 # --- a rank that dies ----------------------------------------------------------------------------
 
+
 def test_survivor_of_a_killed_rank_says_so_in_one_line(digits, tmp_path, background):
     """torch engine (Gloo): kill -9 of rank 1; rank 0's collective fails. It says so in one
     line instead of a traceback (torchrun adds its own report of the dead worker)."""
@@ -423,8 +464,9 @@ def test_survivor_of_a_killed_rank_says_so_in_one_line(digits, tmp_path, backgro
     os.kill(rank_pids(str(run_dir))[1], signal.SIGKILL)
     assert job.finish() != 0
     lines = [line for line in job.output.splitlines() if "lost its connection" in line]
-    assert len(lines) == 1 and lines[0].startswith("pytorch_imagenet_resnet.py: error: rank 0 lost its connection "
-                                                   "to another process ("), job.output[-4000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        "pytorch_imagenet_resnet.py: error: rank 0 lost its connection to another process ("
+    ), job.output[-4000:]
     assert "[rank0]" not in job.output and "RuntimeError" not in job.output, job.output[-4000:]
 
 
@@ -501,8 +543,14 @@ def test_sigint_to_torchrun_checkpoints(digits, tmp_path, background):
 def test_the_wrapper_returns_the_jobs_own_status_under_torchrun(digits, tmp_path):
     """Bad input exits 2 on every rank; torchrun makes that 1 (and prints a traceback of its
     own); python -m largebatch.launch torchrun ... returns the 2."""
-    proc = subprocess.run([*LAUNCH, *TORCHRUN, TRAIN, *job_args(digits, tmp_path / "run", "--crop-ratio", "1,inf")],
-                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [*LAUNCH, *TORCHRUN, TRAIN, *job_args(digits, tmp_path / "run", "--crop-ratio", "1,inf")],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "--crop-ratio" in proc.stderr
 

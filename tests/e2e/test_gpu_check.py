@@ -1,5 +1,6 @@
 """bench/gpu_check.py --smoke: the GPU check's code paths on CPU, so the script cannot rot
 before a GPU machine is lent (on one, it is the exact command in docs/gpu.md)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,14 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     t0 = time.monotonic()
     # A generous budget: the default smoke budget (110 s) is sized for an idle machine, and a
     # part left out for time would leave its code path unchecked here.
-    proc = subprocess.run([PYTHON, "bench/gpu_check.py", "--smoke", "--out", str(out), "--budget", "400"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env())
+    proc = subprocess.run(
+        [PYTHON, "bench/gpu_check.py", "--smoke", "--out", str(out), "--budget", "400"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env(),
+    )
     print(f"gpu_check --smoke took {time.monotonic() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((out / "gpu_check.json").read_text())

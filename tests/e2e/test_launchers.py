@@ -1,5 +1,6 @@
 """The job starts under each launcher users name: plain python, mpirun, horovodrun (MPI
 and Gloo controllers)."""
+
 import subprocess
 
 import pytest
@@ -9,8 +10,25 @@ from helpers import MODEL, PYTHON, ROOT, TRAIN, env
 # Every test starts the job with horovodrun.
 pytestmark = pytest.mark.mpi
 
-SMOKE = ["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16",
-         "--val-resize", "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--print-freq", "1"]
+SMOKE = [
+    "--synthetic",
+    "--synthetic-size",
+    "64",
+    "--model",
+    MODEL,
+    "--image-size",
+    "16",
+    "--val-resize",
+    "16",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--warmup-epochs",
+    "0",
+    "--print-freq",
+    "1",
+]
 
 
 @pytest.mark.parametrize("controller", ["--mpi", "--gloo"])

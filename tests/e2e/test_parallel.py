@@ -1,21 +1,31 @@
 """The model-parallel classifier (--enable-model-parallel) in real mpirun jobs: exact
 gradients against the dense model, the parallel cross-entropy against torch's, validation
 against a dense evaluation, and dense checkpoints that re-shard over 1 and 3 processes."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+from test_bad_input import assert_usage_error
+from test_training import val_lines
 from torchvision import datasets
 
-from helpers import MODEL, job_args, latest_checkpoint, load_checkpoint, results, run_in_process, run_job, run_mpi_script
+from helpers import (
+    MODEL,
+    job_args,
+    latest_checkpoint,
+    load_checkpoint,
+    results,
+    run_in_process,
+    run_job,
+    run_mpi_script,
+)
 from largebatch.config import parse_config
 from largebatch.data.folder import val_transform
 from largebatch.metrics import topk_hits
 from largebatch.model import build_model
-from test_bad_input import assert_usage_error
-from test_training import val_lines
 
 # Every test starts mpirun jobs (some through the two_process_run fixture).
 pytestmark = pytest.mark.mpi
@@ -42,8 +52,9 @@ def test_parallel_cross_entropy_matches_torch(engine):
     losses = [r for r in reports if r["check"] == "loss"]
     assert len(losses) == 3 * 8  # 3 ranks x 2 class counts x smoothing x ignore_index
     assert all(r["loss"] == pytest.approx(r["torch"], rel=1e-5, abs=1e-6) for r in losses), losses
-    assert sorted((r["rank"], r["dim"]) for r in reports if r["check"] == "layer") == \
-        [(r, d) for r in range(3) for d in (0, 1)]
+    assert sorted((r["rank"], r["dim"]) for r in reports if r["check"] == "layer") == [
+        (r, d) for r in range(3) for d in (0, 1)
+    ]
 
 
 def dense_evaluation(data: Path, state: dict) -> dict:
@@ -52,8 +63,9 @@ def dense_evaluation(data: Path, state: dict) -> dict:
     model = build_model(MODEL, state["model"]["fc.weight"].shape[0])
     model.load_state_dict(state["model"])
     model.eval()
-    cfg = parse_config(["--train-dir", str(data / "train"), "--val-dir", str(data / "val"),
-                        "--image-size", "16", "--val-resize", "16"])
+    cfg = parse_config(
+        ["--train-dir", str(data / "train"), "--val-dir", str(data / "val"), "--image-size", "16", "--val-resize", "16"]
+    )
     dataset = datasets.ImageFolder(str(data / "val"), transform=val_transform(cfg))
     images = torch.stack([image for image, _ in dataset])
     labels = torch.tensor([label for _, label in dataset])
@@ -114,33 +126,88 @@ def test_a_dense_checkpoint_trains_on_only_its_own_process_count(two_process_run
     assert_usage_error(proc, f"{saved} was written by 2 processes", "this run has 1")
     assert not (tmp_path / "run" / "checkpoint-2.pth.tar").exists()
 
-    one = evaluated(run_job(job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, "--resume", saved,
-                                     "--evaluate"), np=1).stdout)
+    one = evaluated(
+        run_job(
+            job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, "--resume", saved, "--evaluate"), np=1
+        ).stdout
+    )
     expected = dense_evaluation(digits_odd, load_checkpoint(saved))
     assert one["count"] == expected["count"] == 77
     assert one["top1"] == pytest.approx(expected["top1"], abs=0.006)
     assert one["loss"] == pytest.approx(expected["loss"], rel=1e-3, abs=1e-4)
-    three = evaluated(run_job(job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, "--resume", saved,
-                                       "--evaluate", "--model-parallel-dim", "0", *VAL_3, "--engine", "torch"),
-                              np=3).stdout)
+    three = evaluated(
+        run_job(
+            job_args(
+                digits_odd,
+                tmp_path / "unused",
+                "--epochs",
+                "2",
+                *MP,
+                "--resume",
+                saved,
+                "--evaluate",
+                "--model-parallel-dim",
+                "0",
+                *VAL_3,
+                "--engine",
+                "torch",
+            ),
+            np=3,
+        ).stdout
+    )
     assert three["count"] == 77 and three["top1"] == pytest.approx(one["top1"], abs=0.006)
 
 
 def test_each_rank_loads_its_slice_and_saves_the_same_dense_state(two_process_run, digits_odd, tmp_path, engine):
     run_dir, _ = two_process_run
     flags = job_args(digits_odd, tmp_path / "unused", "--epochs", "2", *MP, *VAL_3)
-    proc = run_mpi_script(SCRIPTS / "parallel_checkpoint.py", [run_dir / "checkpoint-2.pth.tar", tmp_path, *flags],
-                          np=3, engine=engine)
+    proc = run_mpi_script(
+        SCRIPTS / "parallel_checkpoint.py", [run_dir / "checkpoint-2.pth.tar", tmp_path, *flags], np=3, engine=engine
+    )
     reports = results(proc.stdout)
-    assert sorted((r["rank"], r["dim"]) for r in reports if r["round_trip"]) == [(r, d) for r in range(3) for d in (0, 1)]
+    assert sorted((r["rank"], r["dim"]) for r in reports if r["round_trip"]) == [
+        (r, d) for r in range(3) for d in (0, 1)
+    ]
     assert all(r["sharded"]["count"] == 77 and r["sharded"]["top1"] == r["dense"]["top1"] for r in reports), reports
 
 
 def test_models_that_cannot_be_split_are_refused(tmp_path):
-    proc = run_in_process(["--synthetic", "--model", "squeezenet1_0", "--enable-model-parallel", "--log-dir",
-                           tmp_path / "a", "--epochs", "1", "--warmup-epochs", "0"])
+    proc = run_in_process(
+        [
+            "--synthetic",
+            "--model",
+            "squeezenet1_0",
+            "--enable-model-parallel",
+            "--log-dir",
+            tmp_path / "a",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+        ]
+    )
     assert_usage_error(proc, "--enable-model-parallel", "nn.Linear")
-    proc = run_job(["--synthetic", "--model", "resnet18", "--num-classes", "1", "--enable-model-parallel",
-                    "--image-size", "16", "--val-resize", "16", "--log-dir", tmp_path / "b", "--epochs", "1",
-                    "--warmup-epochs", "0"], np=2, check=False, timeout=120)
+    proc = run_job(
+        [
+            "--synthetic",
+            "--model",
+            "resnet18",
+            "--num-classes",
+            "1",
+            "--enable-model-parallel",
+            "--image-size",
+            "16",
+            "--val-resize",
+            "16",
+            "--log-dir",
+            tmp_path / "b",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+        ],
+        np=2,
+        check=False,
+        timeout=120,
+    )
     assert_usage_error(proc, "1 classes over 2 processes")

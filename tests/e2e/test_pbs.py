@@ -4,6 +4,7 @@ script starts the 2-rank training job with mpirun. No PBS server is packaged for
 machines, so qsub's own part (queueing, the afterany dependency) is checked as the command
 `submit --dry-run` prints; everything inside the job runs for real.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from jobrun import check_continued_run, jobs_cli, resumed_at, status, steps_per_epoch, train_args, wait_for_text
 
 from helpers import env
-from jobrun import check_continued_run, jobs_cli, resumed_at, status, steps_per_epoch, train_args, wait_for_text
 
 # The job scripts start their ranks with mpirun.
 pytestmark = pytest.mark.mpi
@@ -28,16 +29,31 @@ def pbs_env(workdir: Path, job_id: str, ranks_per_node: int, nodes: int) -> dict
     the node file names each node once per rank. Every 'node' here is this machine."""
     nodefile = workdir / f"nodefile-{job_id}"
     nodefile.write_text(f"{socket.gethostname()}\n" * (nodes * ranks_per_node))
-    return {**env(), "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_JOBID": job_id, "PBS_JOBNAME": "lb-test",
-            "PBS_NODEFILE": str(nodefile), "PBS_O_WORKDIR": str(workdir), "PBS_O_HOST": socket.gethostname(),
-            "PBS_QUEUE": "workq", "NCPUS": str(ranks_per_node), "OMP_NUM_THREADS": "1"}
+    return {
+        **env(),
+        "PBS_ENVIRONMENT": "PBS_BATCH",
+        "PBS_JOBID": job_id,
+        "PBS_JOBNAME": "lb-test",
+        "PBS_NODEFILE": str(nodefile),
+        "PBS_O_WORKDIR": str(workdir),
+        "PBS_O_HOST": socket.gethostname(),
+        "PBS_QUEUE": "workq",
+        "NCPUS": str(ranks_per_node),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def start_job(script: Path, workdir: Path, job_id: str, ranks_per_node: int = 2, nodes: int = 1):
     # PBS starts the script in the user's home directory, not where qsub ran.
-    return subprocess.Popen(["bash", str(script)], cwd=os.environ.get("HOME", "/"), text=True,
-                            env=pbs_env(workdir, job_id, ranks_per_node, nodes),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        ["bash", str(script)],
+        cwd=os.environ.get("HOME", "/"),
+        text=True,
+        env=pbs_env(workdir, job_id, ranks_per_node, nodes),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -49,9 +65,27 @@ def test_stopped_job_is_continued_by_the_next_job_of_the_chain(digits, tmp_path)
     """Multi-node template (2 'nodes' of 1 rank): the first job of a --chain 3 is signalled
     as `qsig -s USR1` would, checkpoints and exits 0; the second continues and finishes; the
     third finds nothing to do."""
-    out = jobs_cli("submit", "--scheduler", "pbs", "--nodes", "2", "--gpus-per-node", "0", "--ranks-per-node", "1",
-                   "--time", "01:00:00", "--queue", "workq", "--chain", "3", "--dry-run", "--",
-                   *train_args(digits, "run", EPOCHS), cwd=tmp_path).stdout
+    out = jobs_cli(
+        "submit",
+        "--scheduler",
+        "pbs",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--ranks-per-node",
+        "1",
+        "--time",
+        "01:00:00",
+        "--queue",
+        "workq",
+        "--chain",
+        "3",
+        "--dry-run",
+        "--",
+        *train_args(digits, "run", EPOCHS),
+        cwd=tmp_path,
+    ).stdout
     run_dir = tmp_path / "run"
     script = run_dir / "job.pbs"
     assert f"would run: qsub {script}" in out
@@ -86,8 +120,22 @@ def test_alarm_stops_the_run_before_the_walltime(digits, tmp_path):
     """PBS Pro sends no warning before the walltime, so the script sets its own alarm:
     --time 00:00:45 with --warning 20 asks for a checkpoint 25 s in, long before the 400
     epochs asked for could finish."""
-    jobs_cli("render", "--scheduler", "pbs", "--gpus-per-node", "0", "--ranks-per-node", "2",
-             "--time", "00:00:45", "--warning", "20", "--", *train_args(digits, "run", 400), cwd=tmp_path)
+    jobs_cli(
+        "render",
+        "--scheduler",
+        "pbs",
+        "--gpus-per-node",
+        "0",
+        "--ranks-per-node",
+        "2",
+        "--time",
+        "00:00:45",
+        "--warning",
+        "20",
+        "--",
+        *train_args(digits, "run", 400),
+        cwd=tmp_path,
+    )
     run_dir = tmp_path / "run"
     assert "#PBS -l walltime=00:00:45" in (run_dir / "job.pbs").read_text()
     rc, out = finish(start_job(run_dir / "job.pbs", tmp_path, "201.pbs"), timeout=200)

@@ -1,29 +1,51 @@
 """Precision levels and the Apex controls in the real job, under mpirun -np 2."""
+
 import hashlib
 import json
 
 import pytest
+from test_bad_input import assert_usage_error
 
 from helpers import job_args, latest_checkpoint, run_in_process, run_job
-from test_bad_input import assert_usage_error
 from largebatch.events import read_scalars
 
 
 @pytest.mark.mpi
 def test_loss_scaling_skips_overflow_and_lars_is_scale_invariant(engine_checks, engine):
     reports = engine_checks(engine, "loss_scaling")
-    assert [(r["rank"], r["skipped_steps"], r["lars_scale_invariant"]) for r in sorted(reports, key=lambda r: r["rank"])] \
-        == [(0, 1, True), (1, 1, True)], reports
+    assert [
+        (r["rank"], r["skipped_steps"], r["lars_scale_invariant"]) for r in sorted(reports, key=lambda r: r["rank"])
+    ] == [(0, 1, True), (1, 1, True)], reports
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("flags, param_dtype, learns", [
-    (["--precision", "amp-bf16"], "torch.float32", False),
-    # resnet18, which learns on 16-pixel digits in 20 steps (the tests' small MODEL does not)
-    (["--precision", "bf16", "--channels-last", "--model", "resnet18", "--base-lr", "0.2"], "torch.bfloat16", True),  # rates 0.5 and 1 NaN-ed now and then
-    # bf16, channels-last gradients through DDP's buckets, compressed to fp16, two micro-batches a step
-    (["--precision", "bf16", "--channels-last", "--engine", "torch", "--fp16-allreduce",
-      "--batches-per-allreduce", "2"], "torch.bfloat16", False)])
+@pytest.mark.parametrize(
+    "flags, param_dtype, learns",
+    [
+        (["--precision", "amp-bf16"], "torch.float32", False),
+        # resnet18, which learns on 16-pixel digits in 20 steps (the tests' small MODEL does not)
+        (
+            ["--precision", "bf16", "--channels-last", "--model", "resnet18", "--base-lr", "0.2"],
+            "torch.bfloat16",
+            True,
+        ),  # rates 0.5 and 1 NaN-ed now and then
+        # bf16, channels-last gradients through DDP's buckets, compressed to fp16, two micro-batches a step
+        (
+            [
+                "--precision",
+                "bf16",
+                "--channels-last",
+                "--engine",
+                "torch",
+                "--fp16-allreduce",
+                "--batches-per-allreduce",
+                "2",
+            ],
+            "torch.bfloat16",
+            False,
+        ),
+    ],
+)
 def test_bf16_trains_end_to_end(digits, tmp_path, flags, param_dtype, learns):
     run_dir = tmp_path / "run"
     run_job(job_args(digits, run_dir, "--epochs", "2", *flags))
@@ -69,11 +91,16 @@ def test_prof_writes_traces_and_stops(digits, tmp_path, engine):
     assert not list(run_dir.glob("checkpoint-*"))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--opt-level", "O1"], "needs a GPU"), (["--opt-level", "O2"], "needs a GPU"),
-    (["--precision", "amp"], "needs a GPU"), (["--precision", "fp16"], "needs a GPU"),
-    (["--sync-bn"], "--sync-bn needs GPUs"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--opt-level", "O1"], "needs a GPU"),
+        (["--opt-level", "O2"], "needs a GPU"),
+        (["--precision", "amp"], "needs a GPU"),
+        (["--precision", "fp16"], "needs a GPU"),
+        (["--sync-bn"], "--sync-bn needs GPUs"),
+    ],
+)
 def test_gpu_only_choices_fail_clearly_on_cpu(digits, tmp_path, flags, message):
     proc = run_in_process(job_args(digits, tmp_path / "run", "--epochs", "1", *flags))
     assert_usage_error(proc, message)

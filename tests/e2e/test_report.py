@@ -1,6 +1,7 @@
 """`python -m largebatch.report` on real runs: a 2-process LARS job and a 1-process SGD job
 on the digits (the session's shared runs, conftest.py), plotted together, with a summary
 that matches their event files."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,8 +19,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def report(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "largebatch.report", *map(str, args)], capture_output=True, text=True,
-                          env=env(), cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [PYTHON, "-m", "largebatch.report", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +111,15 @@ def test_loss_scale_is_plotted_when_present(tmp_path):
     assert (tmp_path / "run" / "report" / "loss.png").exists()  # no epoch finished: plotted over steps
 
 
-@pytest.mark.parametrize("args, message", [
-    (["/nonexistent/run"], "no such run directory"),
-    (["{empty}"], "holds no TensorBoard event files"),
-    (["{empty}", "{empty}"], "--out DIR is required"),
-    (["{empty}", "--labels", "a,b"], "one non-empty label per run directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/run"], "no such run directory"),
+        (["{empty}"], "holds no TensorBoard event files"),
+        (["{empty}", "{empty}"], "--out DIR is required"),
+        (["{empty}", "--labels", "a,b"], "one non-empty label per run directory"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     """The command's main in this process (the tests above run it as a process)."""
     (tmp_path / "empty").mkdir()

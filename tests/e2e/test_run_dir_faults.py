@@ -3,6 +3,7 @@ manifest lost or planted, links planted where the job writes, a checkpoint copie
 damaged, a resume on another process count, bad transforms and mostly unreadable data,
 decoder warnings and odd file names. What must hold is checked on the files: nothing lost,
 nothing outside the run directory touched, one line for the user."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_bad_input import assert_usage_error
 from torchvision import transforms
 
 from helpers import job_args, load_checkpoint, run_in_process, run_job
 from largebatch import checkpoint
 from largebatch.files import host
-from test_bad_input import assert_usage_error
 
 OUTSIDE_TEXT = "a user's file outside the run directory\n"
 
@@ -43,6 +44,7 @@ def status(run_dir: Path) -> dict:
 
 # --- the manifest lost ---------------------------------------------------------------------------
 
+
 def test_lost_manifest_is_rebuilt_and_the_run_resumes_where_it_stopped(one_process_run, digits, tmp_path):
     """checkpoints.json deleted (and the newest checkpoint with it): --resume auto rebuilds the
     manifest from the verified files, says so in one line, resumes from epoch 1 and ends with
@@ -58,8 +60,10 @@ def test_lost_manifest_is_rebuilt_and_the_run_resumes_where_it_stopped(one_proce
 
     proc = run_job(job_args(digits, run_dir, *one_process_run.flags), np=1)
     warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
-    assert warnings == [f"warning: {run_dir / checkpoint.MANIFEST} was missing; rebuilt it from the 1 verified "
-                        f"checkpoint file(s) in the run directory"], proc.stderr
+    assert warnings == [
+        f"warning: {run_dir / checkpoint.MANIFEST} was missing; rebuilt it from the 1 verified "
+        f"checkpoint file(s) in the run directory"
+    ], proc.stderr
     assert f"resuming from {run_dir / 'checkpoint-1.pth.tar'} (epoch 1, step 20)" in proc.stdout
     resumed = load_checkpoint(run_dir / "checkpoint-2.pth.tar")
     assert resumed["step"] == reference["step"] == 40
@@ -76,12 +80,16 @@ def test_a_run_whose_checkpoints_are_all_gone_is_never_restarted(one_process_run
         path.unlink()
     before = (run_dir / "status.json").read_bytes()
     proc = run_in_process(job_args(digits, run_dir, *one_process_run.flags))
-    assert_usage_error(proc, f"--log-dir {run_dir}: status.json says the run reached step 40 (finished), but none "
-                             f"of its checkpoints is there")
+    assert_usage_error(
+        proc,
+        f"--log-dir {run_dir}: status.json says the run reached step 40 (finished), but none "
+        f"of its checkpoints is there",
+    )
     assert (run_dir / "status.json").read_bytes() == before and not list(run_dir.glob("checkpoint*"))
 
 
 # --- planted manifests and links -------------------------------------------------------------------
+
 
 def test_planted_manifest_and_links_leave_files_outside_alone(digits, tmp_path):
     """A manifest naming files outside, and links named like each file the run creates
@@ -93,13 +101,21 @@ def test_planted_manifest_and_links_leave_files_outside_alone(digits, tmp_path):
     a, b, *targets = victims(tmp_path, "a", "b", "probe", "status", "manifest", "ck5", "ck10")
     (run_dir / checkpoint.MANIFEST).write_text(json.dumps({"files": ["../outside/a", str(b)]}))
     me = f"{host()}-{os.getpid()}"  # run_in_process: the job's pid is this one
-    names = [f".write-test-{os.getpid()}", f".status.json.tmp-{me}", f".{checkpoint.MANIFEST}.tmp-{me}",
-             f".checkpoint-1-step5.pth.tar.tmp-{me}", f".checkpoint-1-step10.pth.tar.tmp-{me}"]
+    names = [
+        f".write-test-{os.getpid()}",
+        f".status.json.tmp-{me}",
+        f".{checkpoint.MANIFEST}.tmp-{me}",
+        f".checkpoint-1-step5.pth.tar.tmp-{me}",
+        f".checkpoint-1-step10.pth.tar.tmp-{me}",
+    ]
     for name, target in zip(names, targets):
         (run_dir / name).symlink_to(target)
 
-    proc = run_in_process(job_args(digits, run_dir, "--epochs", "1", "--checkpoint-every", "5",
-                                   "--keep-checkpoints", "1", "--print-freq", "5"))
+    proc = run_in_process(
+        job_args(
+            digits, run_dir, "--epochs", "1", "--checkpoint-every", "5", "--keep-checkpoints", "1", "--print-freq", "5"
+        )
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert all(p.read_text() == OUTSIDE_TEXT for p in (a, b, *targets))
     assert "was damaged (it names '../outside/a'" in proc.stderr
@@ -119,19 +135,21 @@ def test_a_lock_file_that_is_a_link_is_refused(digits, tmp_path):
 
 def test_checkpoint_format_outside_the_run_directory_is_refused(digits, tmp_path):
     (parent_file,) = victims(tmp_path, "ck-1.pth")
-    proc = run_in_process(job_args(digits, tmp_path / "outside" / "run", "--epochs", "1",
-                                   "--checkpoint-format", "../ck-{epoch}.pth"))
+    proc = run_in_process(
+        job_args(digits, tmp_path / "outside" / "run", "--epochs", "1", "--checkpoint-format", "../ck-{epoch}.pth")
+    )
     assert_usage_error(proc, "--checkpoint-format '../ck-{epoch}.pth': must be a file name in the run directory")
     assert parent_file.read_text() == OUTSIDE_TEXT
 
 
 # --- a checkpoint away from its run; another process count ------------------------------------------
 
+
 def test_a_copied_checkpoint_with_bytes_moved_is_refused(one_process_run, digits, tmp_path):
     copy = tmp_path / "copied.pth.tar"
     data = bytearray((one_process_run.run_dir / "checkpoint-1.pth.tar").read_bytes())
     middle = len(data) // 2
-    data[middle: middle + 4096] = data[middle - 8192: middle - 4096]  # 4 KiB of its own bytes moved
+    data[middle : middle + 4096] = data[middle - 8192 : middle - 4096]  # 4 KiB of its own bytes moved
     copy.write_bytes(bytes(data))
     proc = run_in_process(job_args(digits, tmp_path / "run", *one_process_run.flags, "--resume", copy))
     assert_usage_error(proc, f"{copy} is damaged: its member archive/data/", "fails its CRC-32 check")
@@ -156,12 +174,16 @@ def test_a_resume_on_another_number_of_processes_is_refused(straight_runs, digit
     (run_dir / "checkpoint-2.pth.tar").unlink()  # so that a run would have something left to do
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
     proc = run_in_process(job_args(digits, run_dir, *straight_runs("horovod").flags))
-    assert_usage_error(proc, "was written by 2 processes (global batch 32) and this run has 1 (global batch 16)",
-                       "resume it on 2 processes")
+    assert_usage_error(
+        proc,
+        "was written by 2 processes (global batch 32) and this run has 1 (global batch 16)",
+        "resume it on 2 processes",
+    )
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name in before} == before
 
 
 # --- data: a transform that fails, data mostly unreadable, warnings and odd names ---------------------
+
 
 def test_a_transform_that_fails_stops_the_run_in_one_line(digits, tmp_path, monkeypatch):
     """A bug in the transform (here, one that raises), not an unreadable image: one line, exit 2."""
@@ -200,8 +222,11 @@ def test_decoder_warnings_and_odd_names_are_one_line_each(digits, tmp_path):
     shutil.copytree(digits, data)
     big = data / "train" / "4" / "big.png"
     Image.new("L", (9500, 9500)).save(big)  # over PIL's 89.5M-pixel warning, under its error
-    broken = [data / "train" / "5" / "photo (1).jpg", data / "train" / "5" / "photo (2).jpg",
-              data / "train" / "6" / "new\nline.jpg"]
+    broken = [
+        data / "train" / "5" / "photo (1).jpg",
+        data / "train" / "5" / "photo (2).jpg",
+        data / "train" / "6" / "new\nline.jpg",
+    ]
     for path in broken:
         path.write_bytes(b"not an image")
     for label in "0123":  # 320 images again: one epoch of 20 batches of 16 reads every one
@@ -210,8 +235,12 @@ def test_decoder_warnings_and_odd_names_are_one_line_each(digits, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.splitlines()
     assert [line for line in lines if "big.png" in line] == [
-        line for line in lines if line.startswith(f"warning: image {big} (DecompressionBombWarning: Image size "
-                                                  f"(90250000 pixels) exceeds limit")], proc.stderr
+        line
+        for line in lines
+        if line.startswith(
+            f"warning: image {big} (DecompressionBombWarning: Image size (90250000 pixels) exceeds limit"
+        )
+    ], proc.stderr
     assert len([line for line in lines if "big.png" in line]) == 1 and "warnings.warn" not in proc.stderr
     for path in broken[:2]:
         assert len([line for line in lines if f"skipping unreadable image {path} (" in line]) == 1, proc.stderr

@@ -2,6 +2,7 @@
 same line validating the checkpoint with -e), a LARS-trainer line under mpirun, and the
 TorchShard-style example script under torchrun. Lines are as their READMEs print them;
 test flags (data, epochs, image size, batch) are appended."""
+
 from __future__ import annotations
 
 import shlex
@@ -44,7 +45,9 @@ def test_apex_line_under_torchrun_then_evaluate(digits, tmp_path):
     # numbers (each image once), and leaves the run directory as it was
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     ckpt = run / sorted(p.name for p in run.glob("checkpoint-*"))[-1]
-    two = evaluated(launch([*TORCHRUN, "--nproc_per_node", "2", TRAIN, *argv, "-e", "--resume", ckpt], cwd=digits).stdout)
+    two = evaluated(
+        launch([*TORCHRUN, "--nproc_per_node", "2", TRAIN, *argv, "-e", "--resume", ckpt], cwd=digits).stdout
+    )
     one = evaluated(launch([PYTHON, TRAIN, *argv, "--evaluate"], cwd=digits).stdout)  # the newest in --log-dir
     assert "(80 images)" in two and "2 process(es)" in two and "1 process(es)" in one
     assert two.split("val loss")[1] == one.split("val loss")[1], (two, one)
@@ -57,14 +60,41 @@ def test_evaluate_without_a_checkpoint_is_one_line(digits, tmp_path):
 
 
 def test_lars_readme_line_under_mpirun(digits, tmp_path):
-    line = (f"--batch-size 128 --warmup-epochs 0.3125 --train-dir={digits}/train/ --val-dir={digits}/val "
-            f"--base-lr 5.6568542494924 --base-op lars --bn-bias-separately --wd 0.0001 --lr-scaling keep")
-    extra = ["--lr-decay", "30", "60", "80", "--single-threaded",  # the original's other flags
-             "--model", MODEL, "--batch-size", "16", "--val-batch-size", "32", "--epochs", "1",
-             "--image-size", "16", "--val-resize", "16", "--print-freq", "1", "--log-dir", tmp_path / "run"]
+    line = (
+        f"--batch-size 128 --warmup-epochs 0.3125 --train-dir={digits}/train/ --val-dir={digits}/val "
+        f"--base-lr 5.6568542494924 --base-op lars --bn-bias-separately --wd 0.0001 --lr-scaling keep"
+    )
+    extra = [
+        "--lr-decay",
+        "30",
+        "60",
+        "80",
+        "--single-threaded",  # the original's other flags
+        "--model",
+        MODEL,
+        "--batch-size",
+        "16",
+        "--val-batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--image-size",
+        "16",
+        "--val-resize",
+        "16",
+        "--print-freq",
+        "1",
+        "--log-dir",
+        tmp_path / "run",
+    ]
     run_job([*shlex.split(line), *extra], np=2)
     args = latest_checkpoint(tmp_path / "run")["args"]
-    assert (args["base_op"], args["bn_bias_separately"], args["label_smoothing"], args["lr_power"]) == ("lars", True, 0.1, 2.0)
+    assert (args["base_op"], args["bn_bias_separately"], args["label_smoothing"], args["lr_power"]) == (
+        "lars",
+        True,
+        0.1,
+        2.0,
+    )
     assert (args["workers"], args["lr_decay_epochs"], args["wd"]) == (0, [30.0, 60.0, 80.0], 1e-4)
 
 

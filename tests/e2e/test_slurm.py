@@ -4,23 +4,44 @@ requeueing itself or by the next job of a chain, without losing or repeating an 
 
 Needs Debian's slurm packages and root (tools/install_slurm.sh); skips and says so without.
 """
+
 from __future__ import annotations
 
 import pytest
+from jobrun import (
+    check_continued_run,
+    jobs_cli,
+    resumed_at,
+    status,
+    steps_per_epoch,
+    submitted_ids,
+    train_args,
+    wait_for_text,
+)
+from slurm_cluster import SlurmCluster, missing
 
 from helpers import ROOT, env
-from jobrun import (check_continued_run, jobs_cli, resumed_at, status, steps_per_epoch, submitted_ids, train_args,
-                    wait_for_text)
 from largebatch.events import read_scalars
-from slurm_cluster import SlurmCluster, missing
 
 # A real SLURM cluster; its jobs start their ranks with mpirun or srun.
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 
 EPOCHS = 3
 # Two ranks, no GPU: the test node has 2 CPUs and nothing else.
-RESOURCES = ["--scheduler", "slurm", "--gpus-per-node", "0", "--ranks-per-node", "2", "--cpus-per-rank", "1",
-             "--time", "00:10:00", "--warning", "60"]
+RESOURCES = [
+    "--scheduler",
+    "slurm",
+    "--gpus-per-node",
+    "0",
+    "--ranks-per-node",
+    "2",
+    "--cpus-per-rank",
+    "1",
+    "--time",
+    "00:10:00",
+    "--warning",
+    "60",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +64,18 @@ def _signal_after_first_epoch(slurm, job: str, log, epochs: int) -> None:
 
 def test_warning_signal_checkpoints_then_the_job_requeues_itself_and_finishes(slurm, digits, tmp_path, engine):
     # resnet18: the one model that learns on 16-pixel digits this fast (the loss must fall)
-    out = jobs_cli("submit", *RESOURCES, "--engine", engine, "--", *train_args(digits, "run", EPOCHS),
-                   "--model", "resnet18", cwd=tmp_path, extra_env=slurm.env).stdout
+    out = jobs_cli(
+        "submit",
+        *RESOURCES,
+        "--engine",
+        engine,
+        "--",
+        *train_args(digits, "run", EPOCHS),
+        "--model",
+        "resnet18",
+        cwd=tmp_path,
+        extra_env=slurm.env,
+    ).stdout
     (job,) = submitted_ids(out)
     run_dir = tmp_path / "run"
     log = run_dir / f"slurm-{job}.out"  # one log: a requeued job appends (--open-mode=append)
@@ -74,8 +105,20 @@ def test_chain_of_jobs_runs_in_order_and_continues_the_run(slurm, digits, tmp_pa
     epochs = 2
     if "pmix" not in slurm.run("srun", "--mpi=list", check=False).stdout:
         pytest.skip("srun --mpi=pmix is unavailable (Debian: libpmix2; tools/install_slurm.sh sets it up)")
-    out = jobs_cli("submit", *RESOURCES, "--launcher", "srun", "--chain", "3", "--engine", engine, "--",
-                   *train_args(digits, "chain", epochs), cwd=tmp_path, extra_env=slurm.env).stdout
+    out = jobs_cli(
+        "submit",
+        *RESOURCES,
+        "--launcher",
+        "srun",
+        "--chain",
+        "3",
+        "--engine",
+        engine,
+        "--",
+        *train_args(digits, "chain", epochs),
+        cwd=tmp_path,
+        extra_env=slurm.env,
+    ).stdout
     jobs = submitted_ids(out)
     assert len(jobs) == 3, out
     run_dir = tmp_path / "chain"
@@ -106,8 +149,18 @@ def test_multi_node_template_with_mpirun_trains_and_checkpoints(slurm, digits, t
     """The many-node script's mpirun launch (Open MPI reading the allocation from SLURM), on
     the one node there is: one epoch, its checkpoint, a finished status."""
     template = ROOT / "largebatch" / "jobs" / "templates" / "slurm" / "multi-node.sbatch"
-    out = jobs_cli("submit", *RESOURCES, "--launcher", "mpirun", "--template", str(template), "--",
-                   *train_args(digits, "run", 1), cwd=tmp_path, extra_env=slurm.env).stdout
+    out = jobs_cli(
+        "submit",
+        *RESOURCES,
+        "--launcher",
+        "mpirun",
+        "--template",
+        str(template),
+        "--",
+        *train_args(digits, "run", 1),
+        cwd=tmp_path,
+        extra_env=slurm.env,
+    ).stdout
     (job,) = submitted_ids(out)
     run_dir = tmp_path / "run"
     assert "LAUNCHER=mpirun" in (run_dir / "job.sbatch").read_text()

@@ -1,6 +1,7 @@
 """A scheduler's warning can arrive while the job is still starting (importing torch takes
 seconds). The handlers must already be in place then, or SIGUSR1's default action kills
 the process; the request is then honoured at the first report."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,27 @@ from pathlib import Path
 
 from helpers import MODEL, PYTHON, ROOT, TRAIN, env
 
-SMOKE = ["--synthetic", "--synthetic-size", "64", "--model", MODEL, "--image-size", "16", "--val-resize", "16",
-         "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0", "--print-freq", "1", "--workers", "0"]
+SMOKE = [
+    "--synthetic",
+    "--synthetic-size",
+    "64",
+    "--model",
+    MODEL,
+    "--image-size",
+    "16",
+    "--val-resize",
+    "16",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--warmup-epochs",
+    "0",
+    "--print-freq",
+    "1",
+    "--workers",
+    "0",
+]
 
 
 def catches(pid: int, sig: int) -> bool:
@@ -25,8 +45,14 @@ def catches(pid: int, sig: int) -> bool:
 
 def test_stop_signal_during_start_up_stops_at_the_first_report(tmp_path, engine):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([PYTHON, TRAIN, *SMOKE, "--log-dir", str(run_dir), "--engine", engine], env=env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, TRAIN, *SMOKE, "--log-dir", str(run_dir), "--engine", engine],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not catches(proc.pid, signal.SIGUSR1):
         assert proc.poll() is None and time.monotonic() < deadline, "the job never installed its handler"

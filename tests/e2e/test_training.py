@@ -1,4 +1,5 @@
 """The Horovod training job end to end: real `mpirun -np 2` jobs on real JPEG folders."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import torch
 from torchvision import datasets
 
 from helpers import job_args, latest_checkpoint, load_checkpoint, run_and_signal, run_in_process, run_job
-from largebatch.data.folder import val_transform
 from largebatch.config import parse_config
+from largebatch.data.folder import val_transform
 from largebatch.events import histogram_tags, read_scalars
 from largebatch.model import build_model
 
@@ -21,8 +22,10 @@ pytestmark = pytest.mark.mpi
 
 def val_lines(stdout: str) -> list[dict]:
     pattern = r"epoch (\d+)/\d+: val loss ([\d.]+) top1 ([\d.]+) top5 ([\d.]+) \((\d+) images\)"
-    return [dict(epoch=int(e), loss=float(l), top1=float(t1), top5=float(t5), count=int(n))
-            for e, l, t1, t5, n in re.findall(pattern, stdout)]
+    return [
+        dict(epoch=int(e), loss=float(loss), top1=float(t1), top5=float(t5), count=int(n))
+        for e, loss, t1, t5, n in re.findall(pattern, stdout)
+    ]
 
 
 def test_lars_job_validation_equals_single_process(digits_odd, tmp_path, engine):
@@ -52,8 +55,11 @@ def test_lars_job_validation_equals_single_process(digits_odd, tmp_path, engine)
 def test_checkpoints_status_and_tensorboard(digits, tmp_path):
     run_dir = tmp_path / "run"
     # resnet18: the one model that learns on 16-pixel digits in 30 steps (the loss must fall)
-    run_job(job_args(digits, run_dir, "--epochs", "3", "--keep-checkpoints", "2", "--base-op", "lars",
-                     "--model", "resnet18"))
+    run_job(
+        job_args(
+            digits, run_dir, "--epochs", "3", "--keep-checkpoints", "2", "--base-op", "lars", "--model", "resnet18"
+        )
+    )
     files = json.loads((run_dir / "checkpoints.json").read_text())["files"]
     assert files == ["checkpoint-2.pth.tar", "checkpoint-3.pth.tar"]
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == files, "older checkpoints were not pruned"
@@ -64,8 +70,16 @@ def test_checkpoints_status_and_tensorboard(digits, tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
     scalars = read_scalars(run_dir)
-    for tag in ("train/loss", "train/top1", "train/lr", "train/images_per_sec", "val/loss", "val/top1",
-                "val/top5", "lars/trust_median"):
+    for tag in (
+        "train/loss",
+        "train/top1",
+        "train/lr",
+        "train/images_per_sec",
+        "val/loss",
+        "val/top1",
+        "val/top5",
+        "lars/trust_median",
+    ):
         assert tag in scalars, f"TensorBoard tag {tag} missing"
     assert [s for s, _ in scalars["val/top1"]] == [10, 20, 30]
     assert "lars/trust_ratio" in histogram_tags(run_dir)
@@ -144,7 +158,9 @@ def test_corrupt_images_are_skipped_and_reported_once(digits, tmp_path):
     truncated.write_bytes(good[: len(good) // 3])
     proc = run_job(job_args(data, tmp_path / "run", "--epochs", "2"))
     for path in (broken, truncated):
-        warnings = [l for l in proc.stderr.splitlines() if "skipping unreadable image" in l and str(path) in l]
+        warnings = [
+            line for line in proc.stderr.splitlines() if "skipping unreadable image" in line and str(path) in line
+        ]
         assert 1 <= len(warnings) <= 2, proc.stderr  # once per file per rank that met it, not per epoch
     assert "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"

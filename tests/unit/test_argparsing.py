@@ -1,5 +1,6 @@
 """One argparse parser for every command (largebatch/argparsing.py): a bad flag raises the
 one UsageError that every entry point turns into a single line and exit status 2."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,13 +29,20 @@ def test_parser_and_its_subcommands_raise_instead_of_exiting():
     assert p.parse_args(["go", "--n", "3"]).n == 3
 
 
-@pytest.mark.parametrize("main, argv, prog, message", [
-    (jobs_cli.main, ["render", "--scheduler", "lsf"], "python -m largebatch.jobs", "invalid choice: 'lsf'"),
-    (tfrecord.main, ["convert", "only-src"], "python -m largebatch.data.tfrecord", "required: out"),
-    (tfrecord.main, ["index", "d", "--workers", "0"], "python -m largebatch.data.tfrecord",
-     "must be a positive integer"),
-    (report.main, ["--x", "time", "run"], "python -m largebatch.report", "invalid choice: 'time'"),
-])
+@pytest.mark.parametrize(
+    "main, argv, prog, message",
+    [
+        (jobs_cli.main, ["render", "--scheduler", "lsf"], "python -m largebatch.jobs", "invalid choice: 'lsf'"),
+        (tfrecord.main, ["convert", "only-src"], "python -m largebatch.data.tfrecord", "required: out"),
+        (
+            tfrecord.main,
+            ["index", "d", "--workers", "0"],
+            "python -m largebatch.data.tfrecord",
+            "must be a positive integer",
+        ),
+        (report.main, ["--x", "time", "run"], "python -m largebatch.report", "invalid choice: 'time'"),
+    ],
+)
 def test_every_command_reports_a_bad_flag_in_one_line(capsys, main, argv, prog, message):
     assert main(argv) == 2
     out, err = capsys.readouterr()

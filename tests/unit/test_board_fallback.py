@@ -1,5 +1,6 @@
 """TensorBoard event files without tensorboardX (a bare GPU machine's PyTorch): PyTorch's own
 writer where the tensorboard package is installed, else no event files and one note."""
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,13 @@ import pytest
 def run(code: str, tmp_path: Path, hide: tuple[str, ...]) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter in which the modules ``hide`` do not import."""
     prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in hide)
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
 
 WRITE = """
@@ -41,10 +47,15 @@ def test_torch_writer_when_tensorboard_is_installed(tmp_path):
         importlib.import_module("torch.utils.tensorboard")
     except ImportError as e:
         pytest.skip(f"the tensorboard package does not import here ({e}); `make setup` installs it")
-    proc = run(WRITE + """
+    proc = run(
+        WRITE
+        + """
     from largebatch.events import read_scalars
     print("read:", read_scalars("run")["train/loss"])
-    """, tmp_path, hide=("tensorboardX",))
+    """,
+        tmp_path,
+        hide=("tensorboardX",),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "source: torch.utils.tensorboard" in proc.stdout
     assert "read: [(1, 2.5), (2, 1.5)]" in proc.stdout

@@ -1,4 +1,5 @@
 """The checkpoint store, the run-directory lock and atomic files, on real files and processes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,11 +31,20 @@ def state(epoch: int, step: int | None = None, numel: int = 1000, fill: float | 
     and a smaller momentum (so the file's middle falls inside the weight's bytes)."""
     weight = torch.full((numel,), fill) if fill is not None else torch.randn(numel)
     momentum = weight[: numel // 2].clone()
-    return {"model": {"fc.weight": weight}, "optimizer": {"state": {0: {"momentum_buffer": momentum}},
-                                                           "param_groups": [{"lr": 0.1, "params": [0]}]},
-            "scheduler": {}, "scaler": None, "epoch": epoch, "step": epoch * 10 if step is None else step,
-            "epoch_step": 0, "rng": [], "rank_buffers": [], "world_size": 1, "args": CFG.to_dict(),
-            "version": checkpoint.VERSION}
+    return {
+        "model": {"fc.weight": weight},
+        "optimizer": {"state": {0: {"momentum_buffer": momentum}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "scheduler": {},
+        "scaler": None,
+        "epoch": epoch,
+        "step": epoch * 10 if step is None else step,
+        "epoch_step": 0,
+        "rng": [],
+        "rank_buffers": [],
+        "world_size": 1,
+        "args": CFG.to_dict(),
+        "version": checkpoint.VERSION,
+    }
 
 
 def manifest(run_dir: Path) -> dict:
@@ -51,11 +61,12 @@ def dead_pid() -> int:
 def corrupt_middle(path: Path, nbytes: int = 4096) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle - nbytes // 2: middle + nbytes // 2] = os.urandom(nbytes)
+    data[middle - nbytes // 2 : middle + nbytes // 2] = os.urandom(nbytes)
     path.write_bytes(bytes(data))
 
 
 # --- names, rotation, same-run check ----------------------------------------------------------
+
 
 def test_keep_last_k_and_mid_epoch_names(tmp_path):
     store = Checkpoints(tmp_path, FORMAT, keep=2)
@@ -83,6 +94,7 @@ def test_same_run_check_refuses_another_experiment(tmp_path):
 
 
 # --- integrity --------------------------------------------------------------------------------
+
 
 def test_checksum_recorded_while_writing_matches_the_file(tmp_path):
     path = Checkpoints(tmp_path, FORMAT, 3).save(state(1), epoch_end=True)
@@ -130,13 +142,17 @@ def test_truncated_checkpoint_listed_and_unlisted(tmp_path):
     warnings = []
     path, loaded = store.load_newest(warn=warnings.append)
     assert loaded["epoch"] == 1
-    assert warnings == [f"warning: {newest} is truncated or damaged: it has {len(whole) // 2} bytes, "
-                        f"{len(whole)} were written; trying an older checkpoint"]
+    assert warnings == [
+        f"warning: {newest} is truncated or damaged: it has {len(whole) // 2} bytes, "
+        f"{len(whole)} were written; trying an older checkpoint"
+    ]
 
     elsewhere = tmp_path / "copied" / "ck.pt"  # no manifest: its own zip structure tells
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(CheckpointError, match=r"ck.pt is truncated or damaged: its zip structure is broken \(.+\)$") as err:
+    with pytest.raises(
+        CheckpointError, match=r"ck.pt is truncated or damaged: its zip structure is broken \(.+\)$"
+    ) as err:
         checkpoint.load(elsewhere)
     assert "\n" not in str(err.value)
 
@@ -177,8 +193,7 @@ def test_manifest_of_the_previous_version_still_loads(tmp_path):
     # What the previous version left: files only, no checksums.
     for epoch in (1, 2):
         torch.save(state(epoch), tmp_path / f"checkpoint-{epoch}.pth.tar")
-    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps({"files": ["checkpoint-1.pth.tar",
-                                                                      "checkpoint-2.pth.tar"]}))
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps({"files": ["checkpoint-1.pth.tar", "checkpoint-2.pth.tar"]}))
     store = Checkpoints(tmp_path, FORMAT, 2)
     path, loaded = store.load_newest(warn=pytest.fail)
     assert path.name == "checkpoint-2.pth.tar" and loaded["epoch"] == 2
@@ -201,6 +216,7 @@ def test_same_name_saved_twice_verifies(tmp_path):
 
 
 # --- finite -----------------------------------------------------------------------------------
+
 
 def test_non_finite_checkpoints_never_rotate_out_the_newest_finite_one(tmp_path):
     store = Checkpoints(tmp_path, FORMAT, keep=1)
@@ -287,8 +303,9 @@ def test_second_run_refused_until_holder_is_killed(tmp_path):
         with pytest.raises(RunDirInUse) as err:
             RunLock(tmp_path).acquire()
         started = json.loads((tmp_path / ".lock").read_text())["started"]
-        assert str(err.value) == (f"--log-dir {tmp_path} is in use by a run on host {host()}, "
-                                  f"pid {holder.pid}, started {started}")
+        assert str(err.value) == (
+            f"--log-dir {tmp_path} is in use by a run on host {host()}, pid {holder.pid}, started {started}"
+        )
         assert isinstance(err.value, UsageError)
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -303,16 +320,20 @@ def test_second_run_refused_until_holder_is_killed(tmp_path):
 
 # --- full disk --------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A real 3 MiB file system (tmpfs), so ENOSPC comes from the kernel."""
     mount = tmp_path / "fs"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); "
-                    f"test_file_size_limit_gives_one_line covers the error path")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.strip()}); "
+            f"test_file_size_limit_gives_one_line covers the error path"
+        )
     try:
         yield mount
     finally:
@@ -329,10 +350,13 @@ def test_full_disk_gives_one_line_and_keeps_the_previous_checkpoint(small_fs):
     with pytest.raises(CheckpointWriteError) as err:
         store.save(state(2, numel=MiB // 3), True)
     message = str(err.value)
-    assert message.startswith(f"cannot write checkpoint {small_fs / 'checkpoint-2.pth.tar'}: no space left "
-                              f"(needs 2.0 MiB, ")
-    assert f"free on {small_fs}); the previous checkpoint {first} is intact; free space (a run needs room for " \
-           f"two checkpoints while it replaces one)" in message
+    assert message.startswith(
+        f"cannot write checkpoint {small_fs / 'checkpoint-2.pth.tar'}: no space left (needs 2.0 MiB, "
+    )
+    assert (
+        f"free on {small_fs}); the previous checkpoint {first} is intact; free space (a run needs room for "
+        f"two checkpoints while it replaces one)" in message
+    )
     assert "\n" not in message and isinstance(err.value, OSError) and err.value.errno == 28
     assert sorted(p.name for p in small_fs.iterdir()) == sorted([checkpoint.MANIFEST, first.name])  # no temp left
     assert (small_fs / checkpoint.MANIFEST).read_bytes() == before
@@ -363,10 +387,12 @@ def test_file_size_limit_gives_one_line(tmp_path):
             store.save(state(2, numel=MiB), True)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert str(err.value).startswith(f"cannot write checkpoint {tmp_path / 'checkpoint-2.pth.tar'}: "
-                                     f"file size limit (ulimit -f) exceeded (needs ")
-    assert str(err.value).endswith(f"the previous checkpoint {first} is intact; free space, or lower "
-                                   f"--keep-checkpoints")
+    assert str(err.value).startswith(
+        f"cannot write checkpoint {tmp_path / 'checkpoint-2.pth.tar'}: file size limit (ulimit -f) exceeded (needs "
+    )
+    assert str(err.value).endswith(
+        f"the previous checkpoint {first} is intact; free space, or lower --keep-checkpoints"
+    )
     assert manifest(tmp_path)["files"] == [first.name] and not list(tmp_path.glob(".*tmp*"))
 
 
@@ -395,18 +421,21 @@ def test_resume_keeps_the_checkpoints_hyperparameters_and_says_so():
     assert [g["weight_decay"] for g in new_opt.param_groups] == [g["weight_decay"] for g in old_opt.param_groups]
 
     line = checkpoint.ignored_changes({"args": old_cfg.to_dict()}, new_cfg)
-    assert line == ("warning: --base-lr 2.0 (the checkpoint's: 0.5), --wd 0.0001 (the checkpoint's: 0.001): a resumed "
-                    "run keeps the checkpoint's values, which live on in its optimizer and schedule state; a new "
-                    "--log-dir starts a run with the new ones")
+    assert line == (
+        "warning: --base-lr 2.0 (the checkpoint's: 0.5), --wd 0.0001 (the checkpoint's: 0.001): a resumed "
+        "run keeps the checkpoint's values, which live on in its optimizer and schedule state; a new "
+        "--log-dir starts a run with the new ones"
+    )
     assert checkpoint.ignored_changes({"args": old_cfg.to_dict()}, old_cfg) is None
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.complex64])
 def test_one_non_finite_value_anywhere_makes_the_state_non_finite(bad, dtype):
-    good = {"model": {"w": torch.ones(5, 3, dtype=dtype), "empty": torch.zeros(0, dtype=dtype),
-                      "steps": torch.tensor(7)},
-            "optimizer": {"state": {0: {"momentum_buffer": -torch.ones(4, dtype=dtype)}}, "param_groups": []}}
+    good = {
+        "model": {"w": torch.ones(5, 3, dtype=dtype), "empty": torch.zeros(0, dtype=dtype), "steps": torch.tensor(7)},
+        "optimizer": {"state": {0: {"momentum_buffer": -torch.ones(4, dtype=dtype)}}, "param_groups": []},
+    }
     assert checkpoint.all_finite(good) is True
     for part, key in (("model", "w"), ("optimizer", None)):
         broken = {"model": dict(good["model"]), "optimizer": {"state": {0: {}}, "param_groups": []}}

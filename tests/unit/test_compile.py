@@ -3,6 +3,7 @@
 Most tests compile with the ``aot_eager`` backend (Dynamo's capture and AOTAutograd, no code
 generation: seconds, not the minutes Inductor's C++ builds take on a 2-core machine); one
 runs Inductor itself, on a model of a few layers."""
+
 from __future__ import annotations
 
 import time
@@ -14,13 +15,14 @@ from torch import nn
 from largebatch import job
 from largebatch.config import parse_config
 from largebatch.engines.base import Engine, Gradients
+from largebatch.metrics import Meter
 from largebatch.precision import Policy, Precision
 from largebatch.train import train_step
-from largebatch.metrics import Meter
 
 
 class LocalEngine(Engine):
     """One process, no communication: just enough engine for build_state."""
+
     name = "local"
 
     def gradients(self, optimizer, model, **kwargs):
@@ -38,8 +40,14 @@ class LocalEngine(Engine):
 
 def tiny() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
 
 
 @pytest.fixture
@@ -48,8 +56,24 @@ def aot_eager(monkeypatch):
 
 
 def state_for(flags, model=None):
-    cfg = parse_config(["--synthetic", "--model", "resnet18", "--image-size", "8", "--batch-size", "4",
-                        "--warmup-epochs", "0", "--epochs", "1", "--base-op", "lars", *flags])
+    cfg = parse_config(
+        [
+            "--synthetic",
+            "--model",
+            "resnet18",
+            "--image-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--warmup-epochs",
+            "0",
+            "--epochs",
+            "1",
+            "--base-op",
+            "lars",
+            *flags,
+        ]
+    )
     engine = LocalEngine(0, 1, 0, 1)
     state = job.build_state(cfg, engine, torch.device("cpu"), 10, 5, model=model if model is not None else tiny())
     state.start(None)
@@ -77,10 +101,14 @@ def test_state_dict_has_no_compile_prefix(aot_eager):
     state.load_state_dict(fresh.state_dict())
 
 
-@pytest.mark.parametrize("policy", [
-    Policy("O2-bf16", cast_model=torch.bfloat16, master_weights=True, keep_bn_fp32=True),  # O2's path, in bf16
-    Policy("bf16", cast_model=torch.bfloat16, keep_bn_fp32=False),
-    Policy("amp-bf16", autocast=torch.bfloat16)])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Policy("O2-bf16", cast_model=torch.bfloat16, master_weights=True, keep_bn_fp32=True),  # O2's path, in bf16
+        Policy("bf16", cast_model=torch.bfloat16, keep_bn_fp32=False),
+        Policy("amp-bf16", autocast=torch.bfloat16),
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_forward_matches_eager(aot_eager, policy, channels_last):
     """Same loss and gradients as the eager forward pass, for cast weights (O2's functional_call
@@ -96,11 +124,11 @@ def test_compiled_forward_matches_eager(aot_eager, policy, channels_last):
         torch.manual_seed(1)
         images = torch.randn(4, 3, 8, 8)
         for _ in range(2):  # the second pass reuses the compiled graph (and its guards hold)
-            loss = nn.functional.cross_entropy(precision.forward(gradients.module, images).float(),
-                                               torch.arange(4))
+            loss = nn.functional.cross_entropy(precision.forward(gradients.module, images).float(), torch.arange(4))
             precision.backward(loss)
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()],
-                        [p.dtype for p in model.parameters()]))
+        results.append(
+            (loss.detach(), [p.grad.clone() for p in model.parameters()], [p.dtype for p in model.parameters()])
+        )
     (l0, g0, d0), (l1, g1, d1) = results
     assert d0 == d1
     assert torch.allclose(l0, l1, rtol=1e-2), (l0, l1)

@@ -1,5 +1,6 @@
 """The convergence study's plan and statistics (bench/convergence.py): what each run is asked
 to do, and the numbers its report rests on."""
+
 import importlib.util
 import math
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 # A script, not a package module: loaded from its file (its sibling imports happen in main()).
 _spec = importlib.util.spec_from_file_location(
-    "convergence", Path(__file__).resolve().parents[2] / "bench" / "convergence.py")
+    "convergence", Path(__file__).resolve().parents[2] / "bench" / "convergence.py"
+)
 study = sys.modules["convergence"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(study)
 
@@ -61,6 +63,7 @@ def test_confidence_interval_and_welch_test():
 def test_the_largest_batch_held_is_the_last_before_the_first_fall():
     def row(k, diff):
         return {"k": k, "vs_reference": {"diff": diff, "ci95": [diff - 1, diff + 1], "p": 0.5}}
+
     rows = [row(1, 0.0), row(4, -0.5), row(16, -1.5), row(32, -0.2), row(64, -4.0)]
     held = study.holds(rows)  # in the order given (the study passes them by batch)
     assert held["k"] == 4 and held["first_outside"]["k"] == 16  # 32 is back within, but 16 was not

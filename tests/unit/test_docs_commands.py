@@ -14,6 +14,7 @@ checked, and a missing data directory is not an error then. Commands with other 
 (`<jobid>`, `...same options...`) are left out, counted, and must stay a small share.
 Links between the pages, and their #anchors, are checked here too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,39 @@ SHELL_LANGUAGES = {"sh", "bash", "shell", "console", "shell-session"}
 TRAINING = {"pytorch_imagenet_resnet.py": "folder", "pytorch_imagenet_resnet_dali.py": "dali"}
 LAUNCHERS = {"mpirun", "mpiexec", "horovodrun", "srun"}
 # Other people's programs: the docs show them, the test cannot check their arguments.
-EXTERNAL = {"less", "cat", "tail", "head", "grep", "ls", "cd", "rm", "mkdir", "export", "module", "ssh",
-            "sbatch", "squeue", "scancel", "scontrol", "sacct", "qsub", "qstat", "qdel", "tensorboard",
-            "nvidia-smi", "kill", "pip", "git", "tee", "sort", "wc", "echo", "time", "xargs"}
+EXTERNAL = {
+    "less",
+    "cat",
+    "tail",
+    "head",
+    "grep",
+    "ls",
+    "cd",
+    "rm",
+    "mkdir",
+    "export",
+    "module",
+    "ssh",
+    "sbatch",
+    "squeue",
+    "scancel",
+    "scontrol",
+    "sacct",
+    "qsub",
+    "qstat",
+    "qdel",
+    "tensorboard",
+    "nvidia-smi",
+    "kill",
+    "pip",
+    "git",
+    "tee",
+    "sort",
+    "wc",
+    "echo",
+    "time",
+    "xargs",
+}
 # Errors that only say a path named in the docs is not on this machine (a checkpoint, a
 # template, the environment a job script activates when pytest runs outside one).
 ABSENT_PATH = re.compile(r"no such (checkpoint )?file|no bin/activate there")
@@ -52,13 +83,14 @@ MIN_CHECKED = 0.8
 
 # --- reading the commands out of the pages -----------------------------------------------------
 
+
 @dataclass
 class Command:
-    where: str                 # page:line of the command's first line
-    text: str                  # continuations joined, as a shell reads it
-    simple: list[list[str]] = field(default_factory=list)   # split at &&, ||, ;, |
-    elided: bool = False       # a standalone `...` stands for flags left out
-    placeholder: str = ""      # the first other placeholder, if any: not checked
+    where: str  # page:line of the command's first line
+    text: str  # continuations joined, as a shell reads it
+    simple: list[list[str]] = field(default_factory=list)  # split at &&, ||, ;, |
+    elided: bool = False  # a standalone `...` stands for flags left out
+    placeholder: str = ""  # the first other placeholder, if any: not checked
 
 
 def fenced_blocks(text: str):
@@ -131,10 +163,12 @@ def parse_command(where: str, text: str) -> Command:
 
 
 def commands_in(text: str, name: str) -> list[Command]:
-    return [parse_command(f"{name}:{number}", line)
-            for language, first, lines in fenced_blocks(text)
-            if language in SHELL_LANGUAGES
-            for number, line in shell_lines(language, first, lines)]
+    return [
+        parse_command(f"{name}:{number}", line)
+        for language, first, lines in fenced_blocks(text)
+        if language in SHELL_LANGUAGES
+        for number, line in shell_lines(language, first, lines)
+    ]
 
 
 COMMANDS = [c for page in PAGES for c in commands_in(page.read_text(), page.relative_to(ROOT).as_posix())]
@@ -142,10 +176,12 @@ COMMANDS = [c for page in PAGES for c in commands_in(page.read_text(), page.rela
 
 # --- what the repository offers ----------------------------------------------------------------
 
+
 @functools.cache
 def makefile() -> tuple[set[str], set[str]]:
     text = (ROOT / "Makefile").read_text()
-    targets = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", text, re.M))
+    # .PHONY and the like are make's own, not targets to run
+    targets = {t for t in re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", text, re.M) if not t.startswith(".")}
     variables = set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\s*[:?+]?=", text, re.M))
     return targets, variables
 
@@ -179,6 +215,7 @@ def pytest_markers() -> set[str]:
 
 
 # --- the checks --------------------------------------------------------------------------------
+
 
 class Wrong(Exception):
     """What is wrong with a command, in one line."""
@@ -289,7 +326,7 @@ def check_jobs(args: list[str], elided: bool) -> None:
             if train:
                 check_training(train, ns.entry, elided)
             return
-        build_request(ns, train, ROOT)   # checks, writes nothing
+        build_request(ns, train, ROOT)  # checks, writes nothing
     except UsageError as e:
         if not ABSENT_PATH.search(str(e)):
             raise Wrong(f"python -m largebatch.jobs: {e}") from None
@@ -375,13 +412,15 @@ def is_external(cmd: Command) -> bool:
 CHECKABLE = [c for c in COMMANDS if not c.placeholder]
 
 
-@pytest.mark.parametrize("cmd", CHECKABLE, ids=[c.where for c in CHECKABLE])
-def test_command_works_as_written(cmd):
-    for words in cmd.simple:
-        try:
-            check_simple(words, cmd.elided)
-        except Wrong as e:
-            pytest.fail(f"{cmd.where}: {e}\n    {cmd.text}", pytrace=False)
+def test_every_command_works_as_written():
+    wrong = []
+    for cmd in CHECKABLE:
+        for words in cmd.simple:
+            try:
+                check_simple(words, cmd.elided)
+            except Wrong as e:
+                wrong.append(f"{cmd.where}: {e}\n    {cmd.text}")
+    assert not wrong, f"{len(wrong)} of {len(CHECKABLE)} commands do not work as written:\n" + "\n".join(wrong)
 
 
 def test_most_commands_are_checked():
@@ -394,7 +433,8 @@ def test_most_commands_are_checked():
     share = len(checked) / max(len(ours), 1)
     assert len(checked) >= 30 and share >= MIN_CHECKED, (
         f"{len(checked)} of this project's {len(ours)} commands checked ({share:.0%}; "
-        f"{len(COMMANDS) - len(ours)} commands of other programs); left out:\n{left_out}")
+        f"{len(COMMANDS) - len(ours)} commands of other programs); left out:\n{left_out}"
+    )
 
 
 def slug(heading: str) -> str:
@@ -405,7 +445,7 @@ def slug(heading: str) -> str:
 
 def anchors(path: Path) -> set[str]:
     text = path.read_text()
-    for _, _, lines in fenced_blocks(text):   # a `# comment` in a code block is no heading
+    for _, _, lines in fenced_blocks(text):  # a `# comment` in a code block is no heading
         text = text.replace("\n".join(lines), "")
     seen: dict[str, int] = {}
     out = set()
@@ -432,16 +472,17 @@ def links(path: Path):
                 yield n, m[1]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_links_resolve(page):
+def test_links_between_the_pages_resolve():
     wrong = []
-    for n, target in links(page):
-        name, _, anchor = target.partition("#")
-        dest = (page.parent / name).resolve() if name else page
-        if not dest.exists():
-            wrong.append(f"{page.name}:{n}: {target}: no such file")
-        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
-            wrong.append(f"{page.name}:{n}: {target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    for page in PAGES:
+        where = page.relative_to(ROOT).as_posix()
+        for n, target in links(page):
+            name, _, anchor = target.partition("#")
+            dest = (page.parent / name).resolve() if name else page
+            if not dest.exists():
+                wrong.append(f"{where}:{n}: {target}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                wrong.append(f"{where}:{n}: {target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
     assert not wrong, "\n".join(wrong)
 
 
@@ -462,8 +503,10 @@ tail -f runs/x/slurm-<jobid>.out
 def test_the_reader_on_a_sample():
     first, second, third = commands_in(SAMPLE, "sample.md")
     assert (first.where, second.where, third.where) == ("sample.md:3", "sample.md:9", "sample.md:10")
-    assert first.simple == [["FOO=1", "make", "demo", "NP=1"],
-                            [".venv/bin/python", "-m", "pytest", "tests/unit", "-m", "not mpi"]]
+    assert first.simple == [
+        ["FOO=1", "make", "demo", "NP=1"],
+        [".venv/bin/python", "-m", "pytest", "tests/unit", "-m", "not mpi"],
+    ]
     assert second.elided and second.simple[0][-1] == "--synthetic" and second.simple[1] == ["tee", "log"]
     assert third.placeholder == "runs/x/slurm-<jobid>.out" and not first.placeholder
     assert [check_simple(w, first.elided) for w in first.simple] == ["checked", "checked"]

@@ -52,8 +52,7 @@ def set_grads(params, step, scale=1.0):
 # --------------------------------------------------------------------------
 
 
-def reference_lars_step(params, grads, bufs, lr, momentum, wd, eta, eps, trust_clip, adapt,
-                        nesterov=False):
+def reference_lars_step(params, grads, bufs, lr, momentum, wd, eta, eps, trust_clip, adapt, nesterov=False):
     for i, (w, g) in enumerate(zip(params, grads)):
         w_norm = w.norm().item()
         g_norm = g.norm().item()
@@ -105,8 +104,14 @@ def test_lars_matches_reference_with_changing_lr(nesterov, trust_clip):
     model = make_model()
     ref_model = copy.deepcopy(model)
     opt = create_optimizer_lars(
-        model, lr=LRS[0], momentum=momentum, weight_decay=wd, bn_bias_separately=True,
-        epsilon=eps, eta=eta, trust_clip=trust_clip,
+        model,
+        lr=LRS[0],
+        momentum=momentum,
+        weight_decay=wd,
+        bn_bias_separately=True,
+        epsilon=eps,
+        eta=eta,
+        trust_clip=trust_clip,
     )
     for group in opt.param_groups:
         group["nesterov"] = nesterov
@@ -128,8 +133,17 @@ def test_lars_matches_reference_with_changing_lr(nesterov, trust_clip):
         with torch.no_grad():
             for (ps, group_wd, adapt), bufs in zip(ref_groups, ref_bufs):
                 reference_lars_step(
-                    ps, [p.grad for p in ps], bufs, lr, momentum, group_wd, eta, eps,
-                    trust_clip, adapt, nesterov,
+                    ps,
+                    [p.grad for p in ps],
+                    bufs,
+                    lr,
+                    momentum,
+                    group_wd,
+                    eta,
+                    eps,
+                    trust_clip,
+                    adapt,
+                    nesterov,
                 )
 
     for p, ref, p0 in zip(trainable(model), trainable(ref_model), start):
@@ -141,8 +155,7 @@ def test_lars_matches_reference_with_changing_lr(nesterov, trust_clip):
 
 def test_lars_frozen_param_untouched_and_grad_none_skipped():
     model = make_model()
-    opt = create_optimizer_lars(model, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                bn_bias_separately=True, epsilon=0.0)
+    opt = create_optimizer_lars(model, lr=0.1, momentum=0.9, weight_decay=1e-4, bn_bias_separately=True, epsilon=0.0)
     frozen_before = model.frozen.weight.detach().clone()
     bias_before = model.fc.bias.detach().clone()
     set_grads(trainable(model), 0)
@@ -184,9 +197,7 @@ def test_lars_trust_clip_caps_ratio():
     big_before, small_before = big.detach().clone(), small.detach().clone()
     opt.step()
 
-    torch.testing.assert_close(
-        opt.last_trust_ratios, torch.tensor([clip, raw_small], dtype=torch.float64)
-    )
+    torch.testing.assert_close(opt.last_trust_ratios, torch.tensor([clip, raw_small], dtype=torch.float64))
     torch.testing.assert_close(big.detach(), big_before - lr * clip * big.grad)
     torch.testing.assert_close(small.detach(), small_before - lr * raw_small * small.grad)
 
@@ -205,15 +216,12 @@ def test_lars_trust_clip_also_bounds_zero_norm_fallback():
 def test_create_optimizer_lars_groups_bn_and_bias_separately():
     model = make_model()
     wd = 5e-4
-    opt = create_optimizer_lars(model, lr=0.1, momentum=0.9, weight_decay=wd,
-                                bn_bias_separately=True, epsilon=0.0)
+    opt = create_optimizer_lars(model, lr=0.1, momentum=0.9, weight_decay=wd, bn_bias_separately=True, epsilon=0.0)
     assert len(opt.param_groups) == 2
     decay, no_decay = opt.param_groups
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(decay["params"]) == ids([model.conv.weight, model.fc.weight])
-    assert ids(no_decay["params"]) == ids(
-        [model.conv.bias, model.bn.weight, model.bn.bias, model.fc.bias]
-    )
+    assert ids(no_decay["params"]) == ids([model.conv.bias, model.bn.weight, model.bn.bias, model.fc.bias])
     assert decay["weight_decay"] == wd and decay["lars_adaptation"] is True
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars_adaptation"] is False
 
@@ -236,8 +244,7 @@ def test_create_optimizer_lars_groups_bn_and_bias_separately():
 
 def test_create_optimizer_lars_single_group():
     model = make_model()
-    opt = create_optimizer_lars(model, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                bn_bias_separately=False, epsilon=0.0)
+    opt = create_optimizer_lars(model, lr=0.1, momentum=0.9, weight_decay=1e-4, bn_bias_separately=False, epsilon=0.0)
     assert len(opt.param_groups) == 1
     (group,) = opt.param_groups
     assert {id(p) for p in group["params"]} == {id(p) for p in trainable(model)}
@@ -259,18 +266,19 @@ def test_meta_tensors_refuse_host_reads():
     # The no-sync tests below rely on this: on the meta device there is no
     # data, so anything that reads a value back to the host raises.
     t = torch.ones(2, device="meta")
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, NotImplementedError)):
         t.norm().item()
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, NotImplementedError)):
         bool(t.sum() > 0)
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, NotImplementedError)):
         float(t.sum())
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_lars_step_does_not_sync_with_host(nesterov):
-    opt = LARS(_meta_groups(), lr=0.1, momentum=0.9, weight_decay=1e-4,
-               epsilon=1e-9, trust_clip=10.0, nesterov=nesterov)
+    opt = LARS(
+        _meta_groups(), lr=0.1, momentum=0.9, weight_decay=1e-4, epsilon=1e-9, trust_clip=10.0, nesterov=nesterov
+    )
     opt.step()
     opt.step()  # second step exercises existing momentum buffers
     assert opt.last_trust_ratios.device.type == "meta"
@@ -294,8 +302,9 @@ def _run(opt_factory, model, steps):
 
 
 def _lars_factory(model):
-    return create_optimizer_lars(model, lr=0.1, momentum=0.9, weight_decay=1e-3,
-                                 bn_bias_separately=True, epsilon=1e-6, eta=0.05)
+    return create_optimizer_lars(
+        model, lr=0.1, momentum=0.9, weight_decay=1e-3, bn_bias_separately=True, epsilon=1e-6, eta=0.05
+    )
 
 
 def _lamb_factory(model):
@@ -341,11 +350,18 @@ def test_lars_reconstructible_from_param_groups():
         LARS([nn.Parameter(torch.ones(2))])
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(lr=-1.0), dict(lr=0.1, momentum=-0.1), dict(lr=0.1, weight_decay=-1.0),
-    dict(lr=0.1, eta=-1.0), dict(lr=0.1, epsilon=-1.0), dict(lr=0.1, trust_clip=0.0),
-    dict(lr=0.1, momentum=0.0, nesterov=True),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=-1.0),
+        dict(lr=0.1, momentum=-0.1),
+        dict(lr=0.1, weight_decay=-1.0),
+        dict(lr=0.1, eta=-1.0),
+        dict(lr=0.1, epsilon=-1.0),
+        dict(lr=0.1, trust_clip=0.0),
+        dict(lr=0.1, momentum=0.0, nesterov=True),
+    ],
+)
 def test_lars_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         LARS([nn.Parameter(torch.ones(2))], **kwargs)
@@ -361,14 +377,14 @@ def test_lamb_matches_reference_with_changing_lr(trust_clip):
     betas, eps, wd = (0.9, 0.99), 1e-6, 0.01
     model = make_model()
     ref_model = copy.deepcopy(model)
-    opt = create_optimizer_lamb(model, lr=LRS[0], weight_decay=wd, bn_bias_separately=True,
-                                epsilon=eps, betas=betas, trust_clip=trust_clip)
+    opt = create_optimizer_lamb(
+        model, lr=LRS[0], weight_decay=wd, bn_bias_separately=True, epsilon=eps, betas=betas, trust_clip=trust_clip
+    )
     ref_groups = [
         ([p for p in trainable(ref_model) if p.ndim > 1], wd, True),
         ([p for p in trainable(ref_model) if p.ndim <= 1], 0.0, False),
     ]
-    ref_state = [[(torch.zeros_like(p), torch.zeros_like(p), 0) for p in ps]
-                 for ps, _, _ in ref_groups]
+    ref_state = [[(torch.zeros_like(p), torch.zeros_like(p), 0) for p in ps] for ps, _, _ in ref_groups]
     start = [p.detach().clone() for p in trainable(ref_model)]
 
     lrs = [lr * 0.01 for lr in LRS]
@@ -380,8 +396,7 @@ def test_lamb_matches_reference_with_changing_lr(trust_clip):
         opt.step()
         with torch.no_grad():
             for (ps, group_wd, adapt), state in zip(ref_groups, ref_state):
-                reference_lamb_step(ps, [p.grad for p in ps], state, lr, betas, eps, group_wd,
-                                    trust_clip, adapt)
+                reference_lamb_step(ps, [p.grad for p in ps], state, lr, betas, eps, group_wd, trust_clip, adapt)
 
     for p, ref, p0 in zip(trainable(model), trainable(ref_model), start):
         assert (ref - p0).abs().max() > 1e-5
@@ -437,8 +452,7 @@ def test_create_optimizer_lamb_groups():
 
 
 def _lars_no_momentum_factory(model):
-    return LARS(trainable(model), lr=0.1, momentum=0.0, weight_decay=1e-3, eta=0.05,
-                trust_clip=0.02)
+    return LARS(trainable(model), lr=0.1, momentum=0.0, weight_decay=1e-3, eta=0.05, trust_clip=0.02)
 
 
 def _lars_nesterov_factory(model):
@@ -449,14 +463,20 @@ def _lars_nesterov_factory(model):
 
 
 def _lamb_clipped_factory(model):
-    return create_optimizer_lamb(model, lr=0.01, weight_decay=1e-2, bn_bias_separately=True,
-                                 trust_clip=0.5)
+    return create_optimizer_lamb(model, lr=0.01, weight_decay=1e-2, bn_bias_separately=True, trust_clip=0.5)
 
 
-@pytest.mark.parametrize("factory", [
-    _lars_factory, _lars_nesterov_factory, _lars_no_momentum_factory, _lamb_factory,
-    _lamb_clipped_factory,
-], ids=["lars", "lars-nesterov", "lars-no-momentum", "lamb", "lamb-clipped"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        _lars_factory,
+        _lars_nesterov_factory,
+        _lars_no_momentum_factory,
+        _lamb_factory,
+        _lamb_clipped_factory,
+    ],
+    ids=["lars", "lars-nesterov", "lars-no-momentum", "lamb", "lamb-clipped"],
+)
 def test_per_tensor_path_matches_foreach_path_step_for_step(factory):
     # Both run here on CPU tensors: the foreach path is the one accelerators
     # take, so this keeps it tested on a machine without one. The per-tensor
@@ -476,8 +496,7 @@ def test_per_tensor_path_matches_foreach_path_step_for_step(factory):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
             for key, value in per_tensor.state[p].items():
                 torch.testing.assert_close(value, foreach.state[q][key], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(per_tensor.last_trust_ratios, foreach.last_trust_ratios,
-                                   rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(per_tensor.last_trust_ratios, foreach.last_trust_ratios, rtol=1e-12, atol=0.0)
 
 
 @pytest.mark.parametrize("optimizer", [LARS, LAMB])

@@ -1,6 +1,7 @@
 """largebatch.launch: which stop each launcher understands, where the run's status is, and
 the exit status it reports, on real child processes (the training runs are in
 tests/e2e/test_faults.py)."""
+
 import json
 import os
 import signal
@@ -16,15 +17,18 @@ from largebatch.launch import launcher_kind, log_dir
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("cmd, kind", [
-    (["mpirun", "-np", "2", "python", "t.py"], "usr1"),
-    (["/opt/openmpi/bin/mpiexec", "python", "t.py"], "usr1"),
-    (["srun", "--mpi=pmix", "python", "t.py"], "usr1"),
-    (["torchrun", "--nproc_per_node", "2", "t.py"], "term"),
-    (["/venv/bin/python3", "-m", "torch.distributed.run", "t.py"], "term"),
-    (["horovodrun", "-np", "2", "python", "t.py"], "tree"),
-    (["python", "t.py"], "tree"),
-])
+@pytest.mark.parametrize(
+    "cmd, kind",
+    [
+        (["mpirun", "-np", "2", "python", "t.py"], "usr1"),
+        (["/opt/openmpi/bin/mpiexec", "python", "t.py"], "usr1"),
+        (["srun", "--mpi=pmix", "python", "t.py"], "usr1"),
+        (["torchrun", "--nproc_per_node", "2", "t.py"], "term"),
+        (["/venv/bin/python3", "-m", "torch.distributed.run", "t.py"], "term"),
+        (["horovodrun", "-np", "2", "python", "t.py"], "tree"),
+        (["python", "t.py"], "tree"),
+    ],
+)
 def test_launcher_kind(cmd, kind):
     assert launcher_kind(cmd) == kind
 
@@ -56,9 +60,23 @@ def wrapped(tmp_path, state: str, code: int, sig=signal.SIGTERM) -> int:
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
-    proc = subprocess.Popen([sys.executable, "-m", "largebatch.launch", sys.executable, script, "--log-dir",
-                             tmp_path / "run", state, str(code)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={"PATH": "/usr/bin:/bin"})  # largebatch comes from the install
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "largebatch.launch",
+            sys.executable,
+            script,
+            "--log-dir",
+            tmp_path / "run",
+            state,
+            str(code),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+    )  # largebatch comes from the install
     assert proc.stdout.readline() == "ready\n"
     proc.send_signal(sig)
     return proc.wait(timeout=60)

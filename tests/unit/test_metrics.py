@@ -1,5 +1,6 @@
 """largebatch/metrics.py in one process (dist=None): top-k hits and the sample-weighted
 averages a Meter reports, against the same numbers computed directly, row by row."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,14 +26,19 @@ def test_topk_hits_count_the_rows_whose_target_is_among_the_k_best(rows, classes
     top1, top5 = topk_hits(logits, target)
     # Fewer than 5 classes: top-5 is every class, so every row hits.
     assert (top1.item(), top5.item()) == (direct_hits(logits, target, 1), direct_hits(logits, target, 5))
-    assert [h.item() for h in topk_hits(logits, target, ks=(1, 2, 3))] == \
-        [direct_hits(logits, target, k) for k in (1, 2, 3)]
+    assert [h.item() for h in topk_hits(logits, target, ks=(1, 2, 3))] == [
+        direct_hits(logits, target, k) for k in (1, 2, 3)
+    ]
 
 
 def test_topk_hits_of_a_known_case():
-    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0],    # target 1: first
-                           [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],    # target 1: second
-                           [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])   # target 5: last of 6, outside the top 5
+    logits = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # target 1: first
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  # target 1: second
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+        ]
+    )  # target 5: last of 6, outside the top 5
     top1, top5 = topk_hits(logits, torch.tensor([1, 1, 5]))
     assert (top1.item(), top5.item()) == (1, 2)
 
@@ -52,15 +58,17 @@ def test_meter_reports_sample_weighted_means_over_uneven_batches_and_resets():
         "loss": sum(loss * t.numel() for loss, _, t in batches) / total,
         "top1": 100 * sum(direct_hits(lg, t, 1) for _, lg, t in batches) / total,
         "top5": 100 * sum(direct_hits(lg, t, 5) for _, lg, t in batches) / total,
-        "count": total}
+        "count": total,
+    }
     got = meter.reduce(None, "val")
     assert got["count"] == expected["count"]
     for key in ("loss", "top1", "top5"):
         assert got[key] == pytest.approx(expected[key], rel=1e-12), key
     # The loss is the mean over samples, not over batches (the two differ with uneven batches).
     assert got["loss"] != pytest.approx(sum(loss for loss, _, _ in batches) / len(batches), rel=1e-6)
-    assert meter.reduce(None, "val") == {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0, "nonfinite_steps": 0}, \
+    assert meter.reduce(None, "val") == {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0, "nonfinite_steps": 0}, (
         "reading must start a new interval"
+    )
 
 
 def test_meter_counts_with_a_criterions_own_hits():

@@ -1,5 +1,6 @@
 """What the model is fed, checked at start (model.check_input) instead of failing at the
 first step with a traceback; and the one-line reason for a collective that lost a peer."""
+
 import pytest
 import torch
 
@@ -16,10 +17,13 @@ def test_sizes_the_model_takes_pass_and_leave_it_unchanged():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics too
 
 
-@pytest.mark.parametrize("name, size, fragment", [
-    ("vit_b_16", 32, "Expected 224 but got 32"),    # a fixed size
-    ("alexnet", 16, "Output size is too small"),     # pooled to nothing
-])
+@pytest.mark.parametrize(
+    "name, size, fragment",
+    [
+        ("vit_b_16", 32, "Expected 224 but got 32"),  # a fixed size
+        ("alexnet", 16, "Output size is too small"),  # pooled to nothing
+    ],
+)
 def test_size_the_model_cannot_take_is_refused(name, size, fragment):
     with pytest.raises(UsageError) as err:
         check_input(build_model(name, 10), name, image_size=size, batch_size=8, shared_bn=False)
@@ -36,16 +40,23 @@ def test_batch_of_one_with_batch_norm():
     check_input(build_model("alexnet", 10), "alexnet", image_size=64, batch_size=1, shared_bn=False)  # no BN
 
 
-@pytest.mark.parametrize("message, reason", [
-    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
-     "[127.0.0.1]:27024. This is typically caused by a remote worker crashing.",
-     "Connection closed by peer [127.0.0.1]:27024"),
-    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:18870: "
-     "Connection reset by peer. This is typically caused by a remote worker hanging.",
-     "Read error [127.0.0.1]:18870: Connection reset by peer"),
-    ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", None),  # a bug: keeps its traceback
-    ("Connection reset by peer", None),                                # not from a collective
-])
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        (
+            "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+            "[127.0.0.1]:27024. This is typically caused by a remote worker crashing.",
+            "Connection closed by peer [127.0.0.1]:27024",
+        ),
+        (
+            "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:18870: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging.",
+            "Read error [127.0.0.1]:18870: Connection reset by peer",
+        ),
+        ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", None),  # a bug: keeps its traceback
+        ("Connection reset by peer", None),  # not from a collective
+    ],
+)
 def test_lost_peer(message, reason):
     assert lost_peer(RuntimeError(message)) == reason
     assert lost_peer(OSError(message)) is None

@@ -1,4 +1,5 @@
 """Model-parallel flags and the shard layout (no MPI needed)."""
+
 import pytest
 
 from largebatch.config import UsageError, parse_config
@@ -23,13 +24,16 @@ def test_flags():
     assert not parse_config(BASE).dist.enable_model_parallel
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model-parallel-dim", "0"], "only with --enable-model-parallel"),
-    (["--enable-model-parallel", "--model-parallel-dim", "2"], "invalid choice"),
-    (["--enable-model-parallel", "--use-adasum"], "--use-adasum"),
-    (["--enable-model-parallel", "--precision", "amp"], "loss scaling"),
-    (["--enable-model-parallel", "--opt-level", "O2"], "loss scaling"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model-parallel-dim", "0"], "only with --enable-model-parallel"),
+        (["--enable-model-parallel", "--model-parallel-dim", "2"], "invalid choice"),
+        (["--enable-model-parallel", "--use-adasum"], "--use-adasum"),
+        (["--enable-model-parallel", "--precision", "amp"], "loss scaling"),
+        (["--enable-model-parallel", "--opt-level", "O2"], "loss scaling"),
+    ],
+)
 def test_combinations_that_make_no_sense(argv, message):
     with pytest.raises(UsageError, match=message):
         parse_config(BASE + argv)

@@ -1,5 +1,6 @@
 """Each precision level's mapping: where parameters, master weights, batch norm and the
 forward pass end up; the loss scaler's arithmetic."""
+
 import pytest
 import torch
 import torchvision
@@ -21,6 +22,7 @@ def forward_dtypes(precision, model):
     def record(key):
         def hook(module, inputs, output):  # returns None: a returned value would replace the output
             seen.setdefault(key, output.dtype)
+
         return hook
 
     model.conv1.register_forward_hook(record("conv"))
@@ -29,12 +31,15 @@ def forward_dtypes(precision, model):
     return seen
 
 
-@pytest.mark.parametrize("name, params, bn_params, conv, logits", [
-    ("O0", torch.float32, torch.float32, torch.float32, torch.float32),
-    ("O1", torch.float32, torch.float32, torch.float16, torch.float16),
-    ("O2", torch.float32, torch.float32, torch.float16, torch.float16),
-    ("O3", torch.float16, torch.float16, torch.float16, torch.float16),
-])
+@pytest.mark.parametrize(
+    "name, params, bn_params, conv, logits",
+    [
+        ("O0", torch.float32, torch.float32, torch.float32, torch.float32),
+        ("O1", torch.float32, torch.float32, torch.float16, torch.float16),
+        ("O2", torch.float32, torch.float32, torch.float16, torch.float16),
+        ("O3", torch.float16, torch.float16, torch.float16, torch.float16),
+    ],
+)
 def test_opt_level_mapping(name, params, bn_params, conv, logits):
     precision = Precision(CPU, resolve_policy(None, name, None, None))
     model = precision.prepare(tiny_resnet())
@@ -66,11 +71,16 @@ def test_keep_batchnorm_fp32_overrides():
     assert model.bn1.weight.dtype == torch.float32  # ... of the master, which stays fp32
 
 
-@pytest.mark.parametrize("name, params, logits", [
-    ("fp32", torch.float32, torch.float32), ("amp", torch.float32, torch.float16),
-    ("amp-bf16", torch.float32, torch.bfloat16), ("fp16", torch.float16, torch.float16),
-    ("bf16", torch.bfloat16, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "name, params, logits",
+    [
+        ("fp32", torch.float32, torch.float32),
+        ("amp", torch.float32, torch.float16),
+        ("amp-bf16", torch.float32, torch.bfloat16),
+        ("fp16", torch.float16, torch.float16),
+        ("bf16", torch.bfloat16, torch.bfloat16),
+    ],
+)
 def test_precision_names(name, params, logits):
     precision = Precision(CPU, resolve_policy(name, None, None, None))
     model = precision.prepare(tiny_resnet())
@@ -93,13 +103,16 @@ def test_channels_last():
     assert seen["nhwc"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (("amp", "O1", None, None), "not both"),
-    ((None, "O1", True, None), "--keep-batchnorm-fp32 applies"),
-    (("bf16", None, None, "dynamic"), "needs none"),
-    ((None, "O2", None, "-4"), "positive"),
-    ((None, "O2", None, "lots"), "'dynamic' or a positive number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("amp", "O1", None, None), "not both"),
+        ((None, "O1", True, None), "--keep-batchnorm-fp32 applies"),
+        (("bf16", None, None, "dynamic"), "needs none"),
+        ((None, "O2", None, "-4"), "positive"),
+        ((None, "O2", None, "lots"), "'dynamic' or a positive number"),
+    ],
+)
 def test_contradictory_precision_flags(args, message):
     with pytest.raises(ValueError, match=message):
         resolve_policy(*args)

@@ -1,23 +1,22 @@
 """What the job writes and deletes stays inside its run directory and its own files (issue 22):
 planted manifests, planted links, the manifest lost, checkpoints copied away, modes a user
 set. Real files; the job itself runs in tests/e2e/test_run_dir_faults.py."""
+
 from __future__ import annotations
 
 import json
-import os
 import stat
 from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint import FORMAT, manifest, state
 
 from largebatch import checkpoint
 from largebatch.checkpoint import CheckpointError, Checkpoints
 from largebatch.config import UsageError, parse_config
 from largebatch.files import atomic_write, temp_path
 from largebatch.runlock import RunLock
-
-from test_checkpoint import FORMAT, manifest, state
 
 
 def victim(tmp_path: Path, name: str = "victim.txt") -> Path:
@@ -32,6 +31,7 @@ def untouched(path: Path) -> bool:
 
 
 # --- links planted where the job writes --------------------------------------------------------
+
 
 def test_atomic_write_never_writes_through_a_link_at_its_temporary_name(tmp_path):
     target = victim(tmp_path)
@@ -61,6 +61,7 @@ def test_a_lock_file_that_is_a_link_is_refused(tmp_path):
 
 # --- modes ------------------------------------------------------------------------------------------
 
+
 def test_a_rewritten_file_keeps_the_mode_the_user_set(tmp_path):
     path = tmp_path / "status.json"
     atomic_write(path, lambda f: f.write(b"1"))
@@ -77,6 +78,7 @@ def test_a_new_checkpoint_takes_the_mode_of_the_previous_one(tmp_path):
 
 
 # --- the manifest: planted, lost, damaged -------------------------------------------------------------
+
 
 def test_a_manifest_naming_files_outside_is_damaged_and_rebuilt(tmp_path):
     """Rotation of a planted manifest deleted what it named; now a name with a path in it
@@ -107,11 +109,14 @@ def test_rotation_deletes_only_names_the_format_gives(tmp_path):
     assert manifest(run_dir)["files"] == ["checkpoint-2.pth.tar"]
 
 
-@pytest.mark.parametrize("fmt, names, others", [
-    (FORMAT, ["checkpoint-3.pth.tar", "checkpoint-3-step25.pth.tar"], ["checkpoint-x.pth.tar", "notes.txt"]),
-    ("ck-{epoch}-{step}.pt", ["ck-1-10.pt"], ["ck-1.pt", "ck-1-10.pt.bak"]),
-    ("./run{epoch}", ["run2", "run2-step5"], ["run", ".run2"]),
-])
+@pytest.mark.parametrize(
+    "fmt, names, others",
+    [
+        (FORMAT, ["checkpoint-3.pth.tar", "checkpoint-3-step25.pth.tar"], ["checkpoint-x.pth.tar", "notes.txt"]),
+        ("ck-{epoch}-{step}.pt", ["ck-1-10.pt"], ["ck-1.pt", "ck-1-10.pt.bak"]),
+        ("./run{epoch}", ["run2", "run2-step5"], ["run", ".run2"]),
+    ],
+)
 def test_the_formats_own_names(tmp_path, fmt, names, others):
     store = Checkpoints(tmp_path, fmt, 1)
     assert all(store.is_ours(n) for n in names) and not any(store.is_ours(n) for n in others)
@@ -134,8 +139,10 @@ def test_a_lost_manifest_is_rebuilt_from_the_verified_files(tmp_path):
     assert rebuilt["files"] == ["checkpoint-1.pth.tar", "checkpoint-3.pth.tar"]
     assert rebuilt["entries"]["checkpoint-3.pth.tar"]["finite"] is False
     assert rebuilt["entries"]["checkpoint-1.pth.tar"] == before["entries"]["checkpoint-1.pth.tar"]
-    assert said[0] == (f"warning: {tmp_path / checkpoint.MANIFEST} was missing; rebuilt it from the 2 verified "
-                       f"checkpoint file(s) in the run directory, 1 damaged one(s) left out (checkpoint-2.pth.tar)")
+    assert said[0] == (
+        f"warning: {tmp_path / checkpoint.MANIFEST} was missing; rebuilt it from the 2 verified "
+        f"checkpoint file(s) in the run directory, 1 damaged one(s) left out (checkpoint-2.pth.tar)"
+    )
     assert store.latest(finite_only=True).name == "checkpoint-1.pth.tar"
     assert store.latest().name == "checkpoint-3.pth.tar"
 
@@ -147,6 +154,7 @@ def test_an_empty_run_directory_needs_no_manifest(tmp_path):
 
 # --- a checkpoint away from its run directory -----------------------------------------------------------
 
+
 def test_a_copied_checkpoint_with_bytes_moved_is_refused(tmp_path):
     """4 KiB of its own bytes moved within it: torch.load accepts it; the CRC-32s do not."""
     (tmp_path / "run").mkdir()
@@ -154,11 +162,14 @@ def test_a_copied_checkpoint_with_bytes_moved_is_refused(tmp_path):
     copy = tmp_path / "elsewhere.pth.tar"
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle: middle + 4096] = data[middle - 8192: middle - 4096]
+    data[middle : middle + 4096] = data[middle - 8192 : middle - 4096]
     copy.write_bytes(bytes(data))
     torch.load(copy, weights_only=True)  # the damage this is about: it loads
-    with pytest.raises(CheckpointError, match=r"elsewhere.pth.tar is damaged: its member archive/data/\d+ fails its "
-                                              r"CRC-32 check$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"elsewhere.pth.tar is damaged: its member archive/data/\d+ fails its "
+        r"CRC-32 check$",
+    ):
         checkpoint.load(copy)
     intact = tmp_path / "intact.pth.tar"
     intact.write_bytes(path.read_bytes())
@@ -177,27 +188,34 @@ def test_a_foreign_pickle_says_so_without_a_torch_warning(tmp_path, recwarn):
 
 # --- another number of processes -------------------------------------------------------------------------
 
+
 def test_a_resume_on_another_number_of_processes_is_refused():
     saved = {**state(1), "world_size": 2, "args": {"batch_size": 16, "batches_per_allreduce": 2}}
     checkpoint.check_world_size(saved, 2, Path("ck.pth.tar"))
     with pytest.raises(UsageError) as err:
         checkpoint.check_world_size(saved, 1, Path("ck.pth.tar"))
-    assert str(err.value) == ("ck.pth.tar was written by 2 processes (global batch 64) and this run has 1 (global "
-                              "batch 32): its schedule and data order hold only for 2; resume it on 2 processes, or "
-                              "start a new run in a new --log-dir")
+    assert str(err.value) == (
+        "ck.pth.tar was written by 2 processes (global batch 64) and this run has 1 (global "
+        "batch 32): its schedule and data order hold only for 2; resume it on 2 processes, or "
+        "start a new run in a new --log-dir"
+    )
 
 
 # --- flags that pointed outside or broke the transform ----------------------------------------------------
 
-@pytest.mark.parametrize("flags, message", [
-    (["--checkpoint-format", "../ck-{epoch}.pth"], "must be a file name in the run directory"),
-    (["--checkpoint-format", "/tmp/ck-{epoch}.pth"], "must be a file name in the run directory"),
-    (["--checkpoint-format", ".ck-{epoch}"], "without a path or a leading dot"),
-    (["--crop-ratio", "1,inf"], "must be finite numbers with 0 < LOW <= HIGH"),
-    (["--crop-scale", "nan,1"], "must be finite numbers with 0 < LOW <= HIGH"),
-    (["--lr-schedule", "step", "--lr-decay-epochs", "inf"], "must be increasing positive epochs"),
-    (["--lr-schedule", "step", "--lr-decay-epochs", "30,nan"], "must be increasing positive epochs"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--checkpoint-format", "../ck-{epoch}.pth"], "must be a file name in the run directory"),
+        (["--checkpoint-format", "/tmp/ck-{epoch}.pth"], "must be a file name in the run directory"),
+        (["--checkpoint-format", ".ck-{epoch}"], "without a path or a leading dot"),
+        (["--crop-ratio", "1,inf"], "must be finite numbers with 0 < LOW <= HIGH"),
+        (["--crop-scale", "nan,1"], "must be finite numbers with 0 < LOW <= HIGH"),
+        (["--lr-schedule", "step", "--lr-decay-epochs", "inf"], "must be increasing positive epochs"),
+        (["--lr-schedule", "step", "--lr-decay-epochs", "30,nan"], "must be increasing positive epochs"),
+    ],
+)
 def test_flags_that_escape_the_run_directory_or_cannot_compute_are_refused(flags, message):
     with pytest.raises(UsageError, match=message):
         parse_config(["--synthetic", *flags])

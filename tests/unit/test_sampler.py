@@ -1,6 +1,7 @@
 """The rank shards of largebatch/data/sampler.py, every rank's built in this one process:
 what the mpirun tests rely on (each sample once per epoch, equal step counts, exact resume)
 checked directly, for many sizes, without starting any job."""
+
 from __future__ import annotations
 
 import itertools
@@ -33,7 +34,7 @@ def test_the_epoch_order_depends_on_seed_and_epoch_not_on_the_number_of_ranks():
     full = shards(103, 1)[0]
     for size in (2, 3, 5):
         # Rank r reads the r-th cut of the one permutation: concatenated, the shards are its prefix.
-        assert list(itertools.chain(*shards(103, size))) == full[:103 // size * size]
+        assert list(itertools.chain(*shards(103, size))) == full[: 103 // size * size]
     assert shards(103, 1) == shards(103, 1), "the same (seed, epoch) must give the same order"
     assert shards(103, 1, epoch=EPOCH + 1) != shards(103, 1), "each epoch needs a new order"
     assert shards(103, 1, seed=SEED + 1) != shards(103, 1), "another --seed needs another order"

@@ -145,20 +145,23 @@ def test_resume_from_state_dict_gives_same_sequence(name, resume_at):
     assert resumed == uninterrupted[resume_at:]
 
 
-@pytest.mark.parametrize("make", [
-    lambda opt: PolynomialWarmup(opt, decay_steps=10, warmup_steps=10),
-    lambda opt: PolynomialWarmup(opt, decay_steps=5, warmup_steps=10),
-    lambda opt: PolynomialWarmup(opt, decay_steps=10, warmup_steps=-1),
-    lambda opt: PolynomialWarmup(opt, decay_steps=10, warmup_steps=2.5),
-    lambda opt: PolynomialWarmup(opt, decay_steps=10, power=0.0),
-    lambda opt: PolynomialWarmup(opt, decay_steps=10, power=-1.0),
-    lambda opt: PolynomialWarmup(opt, decay_steps=10, end_lr=-0.1),
-    lambda opt: CosineWarmup(opt, decay_steps=0),
-    lambda opt: CosineWarmup(opt, decay_steps=4, warmup_steps=4),
-    lambda opt: MultiStepWarmup(opt, milestones=[5, -1]),
-    lambda opt: MultiStepWarmup(opt, milestones=[5], gamma=0.0),
-    lambda opt: MultiStepWarmup(opt, milestones=[5], warmup_steps=-2),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: PolynomialWarmup(opt, decay_steps=10, warmup_steps=10),
+        lambda opt: PolynomialWarmup(opt, decay_steps=5, warmup_steps=10),
+        lambda opt: PolynomialWarmup(opt, decay_steps=10, warmup_steps=-1),
+        lambda opt: PolynomialWarmup(opt, decay_steps=10, warmup_steps=2.5),
+        lambda opt: PolynomialWarmup(opt, decay_steps=10, power=0.0),
+        lambda opt: PolynomialWarmup(opt, decay_steps=10, power=-1.0),
+        lambda opt: PolynomialWarmup(opt, decay_steps=10, end_lr=-0.1),
+        lambda opt: CosineWarmup(opt, decay_steps=0),
+        lambda opt: CosineWarmup(opt, decay_steps=4, warmup_steps=4),
+        lambda opt: MultiStepWarmup(opt, milestones=[5, -1]),
+        lambda opt: MultiStepWarmup(opt, milestones=[5], gamma=0.0),
+        lambda opt: MultiStepWarmup(opt, milestones=[5], warmup_steps=-2),
+    ],
+)
 def test_bad_arguments_raise_value_error(make):
     with pytest.raises(ValueError):
         make(make_optimizer())

@@ -1,6 +1,7 @@
 """The older projects' command lines, as their READMEs print them (/work/shared/seeds), parse
 into the training they meant there. Lines are copied, only the placeholders for paths and
 process counts are filled in; test-only flags are appended, never edited in."""
+
 from __future__ import annotations
 
 import shlex
@@ -13,8 +14,10 @@ from largebatch.job import build_scheduler
 
 # --- the Horovod + LARS trainer (004): its README's example, its scripts' flags -------------------
 
-LARS_EXAMPLE = ("--batch-size 128 --warmup-epochs 0.3125 --train-dir=/d/ImageNet/train/ --val-dir=/d/ImageNet/val "
-                "--base-lr 5.6568542494924 --base-op lars --bn-bias-separately --wd 0.0001 --lr-scaling keep")
+LARS_EXAMPLE = (
+    "--batch-size 128 --warmup-epochs 0.3125 --train-dir=/d/ImageNet/train/ --val-dir=/d/ImageNet/val "
+    "--base-lr 5.6568542494924 --base-op lars --bn-bias-separately --wd 0.0001 --lr-scaling keep"
+)
 
 
 def flags(cfg):
@@ -23,8 +26,9 @@ def flags(cfg):
     from types import SimpleNamespace
 
     groups = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
-    return SimpleNamespace(**{f.name: getattr(g, f.name) for g in groups if g is not None
-                              for f in dataclasses.fields(g)})
+    return SimpleNamespace(
+        **{f.name: getattr(g, f.name) for g in groups if g is not None for f in dataclasses.fields(g)}
+    )
 
 
 def test_lars_readme_example_means_the_same_training():
@@ -41,9 +45,31 @@ def test_lars_trainer_defaults_and_its_other_flags():
     # --lr-decay with three values (argparse abbreviation used to take it for --lr-decay-epochs),
     # --single-threaded, and the defaults: SGD, label smoothing 0.1, weight decay on every
     # parameter, and the poly power the original used with SGD (1; 2 only with LARS).
-    cfg = parse_config(["--train-dir", "/t", "--val-dir", "/v", "--lr-decay", "30", "60", "80", "--single-threaded",
-                        "--batches-per-allreduce", "4", "--epsilon", "1e-5", "--fp16-allreduce", "--no-cuda",
-                        "--seed", "3", "--log-dir", "/tmp/x", "--checkpoint-format", "checkpoint-{epoch}.pth.tar"])
+    cfg = parse_config(
+        [
+            "--train-dir",
+            "/t",
+            "--val-dir",
+            "/v",
+            "--lr-decay",
+            "30",
+            "60",
+            "80",
+            "--single-threaded",
+            "--batches-per-allreduce",
+            "4",
+            "--epsilon",
+            "1e-5",
+            "--fp16-allreduce",
+            "--no-cuda",
+            "--seed",
+            "3",
+            "--log-dir",
+            "/tmp/x",
+            "--checkpoint-format",
+            "checkpoint-{epoch}.pth.tar",
+        ]
+    )
     o = flags(cfg)
     assert (o.base_op, o.bn_bias_separately, o.label_smoothing, o.lr_power) == ("sgd", False, 0.1, 1.0)
     assert o.lr_decay_epochs == (30.0, 60.0, 80.0) and o.lr_schedule == "poly"  # the original never used it either
@@ -53,7 +79,9 @@ def test_lars_trainer_defaults_and_its_other_flags():
 
 
 def test_lars_dali_script_accepts_its_ignored_dirs():
-    cfg = parse_config(["--data-dir", "/recs", "--train-dir", "/a", "--val-dir", "/b", "--lr-decay", "30", "60"], "dali")
+    cfg = parse_config(
+        ["--data-dir", "/recs", "--train-dir", "/a", "--val-dir", "/b", "--lr-decay", "30", "60"], "dali"
+    )
     assert cfg.dali.data_dir.as_posix() == "/recs" and cfg.data.train_dir is None
     assert cfg.schedule.lr_decay_epochs == (30.0, 60.0)
 
@@ -94,8 +122,10 @@ def test_apex_readme_lines(line, level, keep_bn, loss_scale):
 
 
 def test_apex_flags_and_appended_test_flags():
-    line = ("-a resnet18 -b 64 -j 2 --epochs 3 --start-epoch 0 --lr 0.2 --momentum 0.8 --weight-decay 3e-4 -p 5 "
-            "--resume auto --deterministic --sync_bn --channels-last False --pretrained -e /data")
+    line = (
+        "-a resnet18 -b 64 -j 2 --epochs 3 --start-epoch 0 --lr 0.2 --momentum 0.8 --weight-decay 3e-4 -p 5 "
+        "--resume auto --deterministic --sync_bn --channels-last False --pretrained -e /data"
+    )
     cfg = parse_config(shlex.split(line) + ["--image-size", "16", "--no-cuda"])
     o = flags(cfg)
     assert (o.model, o.batch_size, cfg.data.workers, o.epochs, o.momentum, o.wd) == ("resnet18", 64, 2, 3, 0.8, 3e-4)
@@ -118,7 +148,7 @@ def test_apex_schedule_is_main_amp_schedule():
     for epoch in range(cfg.schedule.epochs):
         for step in range(steps_per_epoch):
             factor = epoch // 30 + (1 if epoch >= 80 else 0)
-            expected = 0.1 * 224 * world / 256 * 0.1 ** factor
+            expected = 0.1 * 224 * world / 256 * 0.1**factor
             if epoch < 5:
                 expected *= (1 + step + epoch * steps_per_epoch) / (5 * steps_per_epoch)
             assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9), (epoch, step)
@@ -128,10 +158,16 @@ def test_apex_schedule_is_main_amp_schedule():
 
 def test_our_flags_without_a_data_root_keep_our_meaning():
     cfg = parse_config(["--synthetic", "-a", "resnet18", "-b", "8"])
-    assert (cfg.model.model, cfg.schedule.batch_size, cfg.schedule.lr_schedule, cfg.schedule.base_lr) == ("resnet18", 8, "poly", 0.0125)
+    assert (cfg.model.model, cfg.schedule.batch_size, cfg.schedule.lr_schedule, cfg.schedule.base_lr) == (
+        "resnet18",
+        8,
+        "poly",
+        0.0125,
+    )
 
 
 # --- TorchShard (003) -----------------------------------------------------------------------------
+
 
 def test_torchshard_last_dim():
     cfg = parse_config(["--synthetic", "--enable-model-parallel", "--model-parallel-dim", "-1"])
@@ -140,21 +176,25 @@ def test_torchshard_last_dim():
 
 # --- contradictions and mistakes: one line ------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, message", [
-    ("./ --train-dir /t", "give the data root ./ or --train-dir/--val-dir, not both"),
-    ("./ --synthetic", "--synthetic trains on random tensors: drop the data root"),
-    ("--synthetic --lr 0.1 --base-lr 0.2", "give --lr or --base-lr/--lr-scaling, not both"),
-    ("--synthetic --fp16 --opt-level O1", "give --fp16 or --precision/--opt-level, not both"),
-    ("--synthetic --fp16 --loss-scale 8", "not --loss-scale"),
-    ("--synthetic --static-loss-scale 8", "go with --fp16"),
-    ("./ --start-epoch 3", "--start-epoch 3: a run starts where its checkpoint ends"),
-    ("--synthetic --single-threaded --workers 2", "--single-threaded means --workers 0"),
-    ("--synthetic --lr-decay 30 60 --lr-decay-epochs 10", "not both"),
-    ("--synthetic --lr-decay 60 30", "increasing positive epochs"),
-    ("--synthetic --lr-dec 30", "unrecognized arguments: --lr-dec"),  # no abbreviations
-    ("--synthetic --keep-batchnorm-fp32 maybe --opt-level O2", "takes True or False"),
-    ("--synthetic --model-parallel-dim 2 --enable-model-parallel", "invalid choice"),
-])
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("./ --train-dir /t", "give the data root ./ or --train-dir/--val-dir, not both"),
+        ("./ --synthetic", "--synthetic trains on random tensors: drop the data root"),
+        ("--synthetic --lr 0.1 --base-lr 0.2", "give --lr or --base-lr/--lr-scaling, not both"),
+        ("--synthetic --fp16 --opt-level O1", "give --fp16 or --precision/--opt-level, not both"),
+        ("--synthetic --fp16 --loss-scale 8", "not --loss-scale"),
+        ("--synthetic --static-loss-scale 8", "go with --fp16"),
+        ("./ --start-epoch 3", "--start-epoch 3: a run starts where its checkpoint ends"),
+        ("--synthetic --single-threaded --workers 2", "--single-threaded means --workers 0"),
+        ("--synthetic --lr-decay 30 60 --lr-decay-epochs 10", "not both"),
+        ("--synthetic --lr-decay 60 30", "increasing positive epochs"),
+        ("--synthetic --lr-dec 30", "unrecognized arguments: --lr-dec"),  # no abbreviations
+        ("--synthetic --keep-batchnorm-fp32 maybe --opt-level O2", "takes True or False"),
+        ("--synthetic --model-parallel-dim 2 --enable-model-parallel", "invalid choice"),
+    ],
+)
 def test_seed_contradictions_are_one_line(argv, message):
     with pytest.raises(UsageError) as err:
         parse_config(shlex.split(argv))
@@ -163,6 +203,7 @@ def test_seed_contradictions_are_one_line(argv, message):
 
 def test_pretrained_without_cache_or_network_is_one_line(tmp_path, monkeypatch):
     from largebatch.model import build_model
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # a closed port: no download, whatever the network
@@ -178,6 +219,7 @@ def test_pretrained_without_cache_or_network_is_one_line(tmp_path, monkeypatch):
 def test_pretrained_from_the_cache(tmp_path, monkeypatch):
     """Cached weights load; a classifier of another size stays fresh (seeded)."""
     from largebatch.model import build_model, pretrained_file
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     _, path = pretrained_file("resnet18")
     path.parent.mkdir(parents=True)

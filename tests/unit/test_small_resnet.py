@@ -1,4 +1,5 @@
 """He et al.'s ResNets for small images (largebatch/small_resnet.py), as the job builds them."""
+
 import pytest
 import torch
 

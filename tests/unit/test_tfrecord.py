@@ -1,6 +1,7 @@
 """The hand-written TFRecord framing and tf.train.Example encoding, against independent
 implementations: the protobuf library (with tf.train.Example's schema built here) and
 tensorboardX's pure-Python masked CRC."""
+
 from __future__ import annotations
 
 import struct
@@ -31,8 +32,11 @@ def example_class():
     rep, opt = T.LABEL_REPEATED, T.LABEL_OPTIONAL
     message("BytesList", (1, "value", T.TYPE_BYTES, rep, None, False))
     message("Int64List", (1, "value", T.TYPE_INT64, rep, None, True))
-    feature = message("Feature", (1, "bytes_list", T.TYPE_MESSAGE, opt, ".tftest.BytesList", False),
-                      (3, "int64_list", T.TYPE_MESSAGE, opt, ".tftest.Int64List", False))
+    feature = message(
+        "Feature",
+        (1, "bytes_list", T.TYPE_MESSAGE, opt, ".tftest.BytesList", False),
+        (3, "int64_list", T.TYPE_MESSAGE, opt, ".tftest.Int64List", False),
+    )
     feature.oneof_decl.add(name="kind")
     for fd in feature.field:
         fd.oneof_index = 0
@@ -47,8 +51,13 @@ def example_class():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tftest.Example"))
 
 
-VALUES = {"image/encoded": bytes(range(256)) * 700, "image/class/label": 1000, "image/filename": b"n01/x.JPEG",
-          "negative": -3, "big": 2**62 + 5}
+VALUES = {
+    "image/encoded": bytes(range(256)) * 700,
+    "image/class/label": 1000,
+    "image/filename": b"n01/x.JPEG",
+    "negative": -3,
+    "big": 2**62 + 5,
+}
 
 
 def test_encoded_example_parses_with_protobuf():

@@ -1,5 +1,6 @@
 """CPU threads per process: --threads, else OMP_NUM_THREADS as given (PyTorch alone caps it
 at the core count)."""
+
 import os
 
 import pytest

@@ -8,6 +8,7 @@ and "arg": ARG (tests/e2e/conftest.py, engine_checks, reads them). A check that 
 in a line with "failed" and ends its process at once (a Gloo group can keep a raising
 process alive, and the other rank may be waiting in a collective): mpirun then ends the job,
 so the checks after it do not run."""
+
 import importlib
 import os
 import sys

@@ -4,10 +4,11 @@ the exact fp32 average of every rank's own gradients (all gathered).
 
 Uncompressed: the average to fp32 rounding. Compressed: off by no more than the dtype's
 rounding, and off at all (the values did travel in the narrower type)."""
+
 import torch
+from script import emit
 
 from largebatch.engines.base import Engine
-from script import emit
 
 DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,8 +28,9 @@ def local_gradients(model, data) -> list[torch.Tensor]:
 def reduced_gradients(engine: Engine, data, compression, predivide) -> list[torch.Tensor]:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    gradients = engine.gradients(optimizer, model, micro_batches=1, compression=compression, adasum=False,
-                                 predivide=predivide)
+    gradients = engine.gradients(
+        optimizer, model, micro_batches=1, compression=compression, adasum=False, predivide=predivide
+    )
     images, labels = data
     with gradients.backward(last=True):
         torch.nn.functional.cross_entropy(gradients.module(images), labels).backward()
@@ -51,4 +53,3 @@ def check(engine):
             got = reduced_gradients(engine, data, dtype, predivide)
             error = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(got, exact))
             emit(rank=engine.rank, compression=name, predivide=predivide, error=error)
-

@@ -9,17 +9,18 @@ A mid-epoch start (resume) must continue with exactly the samples of the uninter
 
     mpirun -np 2 python dali_shards.py RECORDS_DIR IMAGE_FOLDER_DIR
 """
+
 import json
 import sys
 from pathlib import Path
 
 import torch
+from script import start_engine
 from torchvision import datasets
 
 from largebatch.config import parse_config
 from largebatch.data.dali import DaliInput
 from largebatch.data.tfrecord import decode_example, read_records, record_files
-from script import start_engine
 
 BATCH, VAL_BATCH = 16, 32
 
@@ -50,15 +51,40 @@ def collect(data: DaliInput, split: str, epoch: int = 0, start: int = 0) -> list
 
 def check_format(dist, records: Path, images: Path, fmt: str) -> None:
     root = records if fmt == "tfrecord" else images
-    cfg = parse_config(["--data-dir", str(root), "--data-format", fmt, "--dali-device", "cpu", "--dali-threads", "1",
-                        "--image-size", "16", "--val-resize", "16", "--batch-size", str(BATCH),
-                        "--val-batch-size", str(VAL_BATCH), "--model", "resnet18", "--seed", "3"], "dali")
+    cfg = parse_config(
+        [
+            "--data-dir",
+            str(root),
+            "--data-format",
+            fmt,
+            "--dali-device",
+            "cpu",
+            "--dali-threads",
+            "1",
+            "--image-size",
+            "16",
+            "--val-resize",
+            "16",
+            "--batch-size",
+            str(BATCH),
+            "--val-batch-size",
+            str(VAL_BATCH),
+            "--model",
+            "resnet18",
+            "--seed",
+            "3",
+        ],
+        "dali",
+    )
     data = DaliInput(cfg, dist.rank, dist.size, torch.device("cpu"))
-    mine = {"bpe": data.batches_per_epoch, "epochs": [collect(data, "train", e) for e in range(2)],
-            "val": collect(data, "validation")}
+    mine = {
+        "bpe": data.batches_per_epoch,
+        "epochs": [collect(data, "train", e) for e in range(2)],
+        "val": collect(data, "validation"),
+    }
     # A resumed epoch: the same samples as the uninterrupted one from batch 3 on.
     resumed = collect(data, "train", 1, start=3)
-    assert resumed == mine["epochs"][1][3 * BATCH:], f"rank {dist.rank} {fmt}: resumed epoch differs"
+    assert resumed == mine["epochs"][1][3 * BATCH :], f"rank {dist.rank} {fmt}: resumed epoch differs"
     everyone = dist.allgather_object(mine, name=f"ids_{fmt}")
     if not dist.is_main:
         return
@@ -83,8 +109,12 @@ def check_format(dist, records: Path, images: Path, fmt: str) -> None:
     assert sorted(i for i, _ in val) == sorted(expected["validation"]), f"{fmt}: validation is not every image once"
     wrong = [(i, label) for i, label in val if expected["validation"][i] != label]
     assert not wrong, f"{fmt}: validation labels differ from ImageFolder's: {wrong[:3]}"
-    print(json.dumps({"format": fmt, "train": n_train, "used_per_epoch": dist.size * bpe * BATCH,
-                      "validation": len(val)}), flush=True)
+    print(
+        json.dumps(
+            {"format": fmt, "train": n_train, "used_per_epoch": dist.size * bpe * BATCH, "validation": len(val)}
+        ),
+        flush=True,
+    )
 
 
 def main():

@@ -2,24 +2,49 @@
 1. an overflow on one rank (O1, dynamic scale) skips exactly that step on every rank:
    weights, LARS momentum and the schedule are untouched, the scale halves, the skip is counted;
 2. LARS sees unscaled gradients: the same step at two loss scales gives the same update."""
+
 import torch
+from script import emit
 
 from largebatch.config import parse_config
 from largebatch.job import build_state
 from largebatch.metrics import Meter
 from largebatch.precision import Policy, Precision
 from largebatch.train import train_step
-from script import emit
 
 CPU = torch.device("cpu")
 
 
 def setup(engine, flags, precision=None):
-    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", "lars", "--bn-bias-separately", "--label-smoothing", "0", "--base-lr", "2", "--wd", "1e-3",
-                        "--epochs", "2", "--warmup-epochs", "1", *flags])
+    cfg = parse_config(
+        [
+            "--synthetic",
+            "--model",
+            "resnet18",
+            "--base-op",
+            "lars",
+            "--bn-bias-separately",
+            "--label-smoothing",
+            "0",
+            "--base-lr",
+            "2",
+            "--wd",
+            "1e-3",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            *flags,
+        ]
+    )
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-                                torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    )
     state = build_state(cfg, engine, CPU, num_classes=10, steps_per_epoch=4, model=model)
     if precision is not None:
         state.precision = precision
@@ -78,4 +103,3 @@ def check(engine):
     skipped = overflow_skips_one_step(engine)
     lars_update_ignores_loss_scale(engine)
     emit(rank=engine.rank, skipped_steps=skipped, lars_scale_invariant=True)
-

@@ -7,16 +7,17 @@ the slices) equals that of the dense model with the same weights.
 
     parallel_checkpoint.py CHECKPOINT LOG_DIR [job flags...]
 """
+
 import sys
 
 import torch
+from script import emit, start_engine
 
 from largebatch.config import parse_config
 from largebatch.data.folder import FolderInput
 from largebatch.job import build_state, read_checkpoint
 from largebatch.parallel import shards
 from largebatch.train import evaluate
-from script import emit, start_engine
 
 CPU = torch.device("cpu")
 
@@ -37,18 +38,25 @@ def check(engine, dim: int, path: str, log_dir: str, flags: list[str]) -> None:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     num_classes = saved["model"]["fc.weight"].shape[0]
     resume = ["--resume", path]
-    cfg, state = started(engine, flags + ["--log-dir", f"{log_dir}/dim{dim}", *resume, "--enable-model-parallel",
-                                          "--model-parallel-dim", str(dim)], num_classes)
+    cfg, state = started(
+        engine,
+        flags
+        + ["--log-dir", f"{log_dir}/dim{dim}", *resume, "--enable-model-parallel", "--model-parallel-dim", str(dim)],
+        num_classes,
+    )
     model, optimizer = state.model, state.optimizer
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     for name, shard in shards(model).items():
-        start = sum(shard.sizes[:engine.rank])
+        start = sum(shard.sizes[: engine.rank])
         expected = saved["model"][name].narrow(shard.axis, start, shard.sizes[engine.rank])
-        assert torch.equal(shard.param.detach(), expected), f"dim {dim}: rank {engine.rank} got the wrong slice of {name}"
+        assert torch.equal(shard.param.detach(), expected), (
+            f"dim {dim}: rank {engine.rank} got the wrong slice of {name}"
+        )
         buffer = optimizer.state[shard.param]["momentum_buffer"]
         dense_buffer = saved["optimizer"]["state"][index[id(shard.param)]]["momentum_buffer"]
-        assert torch.equal(buffer, dense_buffer.narrow(shard.axis, start, shard.sizes[engine.rank])), \
+        assert torch.equal(buffer, dense_buffer.narrow(shard.axis, start, shard.sizes[engine.rank])), (
             f"dim {dim}: rank {engine.rank} got the wrong slice of {name}'s momentum"
+        )
 
     model_state, optimizer_state = state.classifier.gather_state(model, optimizer)
     if engine.is_main:
@@ -57,8 +65,11 @@ def check(engine, dim: int, path: str, log_dir: str, flags: list[str]) -> None:
             assert torch.equal(model_state[key], tensor), f"dim {dim}: {key} changed in the round trip"
         for i, entry in saved["optimizer"]["state"].items():
             for key, value in entry.items():
-                same = torch.equal(optimizer_state["state"][i][key], value) if torch.is_tensor(value) \
+                same = (
+                    torch.equal(optimizer_state["state"][i][key], value)
+                    if torch.is_tensor(value)
                     else optimizer_state["state"][i][key] == value
+                )
                 assert same, f"dim {dim}: optimizer state {i}/{key} changed in the round trip"
 
     sharded = validation(engine, cfg, state)

@@ -3,10 +3,11 @@ slice equals torch's CrossEntropyLoss on the dense logits (loss and this slice's
 with label smoothing and ignore_index; top-1/top-5 hits equal metrics.topk_hits on the dense
 logits of this rank's rows. One rank holds no rows at all; ParallelLinear (dim 0 and 1)
 returns the slice of the dense layer's logits for every rank's rows."""
+
 import torch
 import torch.nn.functional as F
-
 from script import emit, start_engine
+
 from largebatch.metrics import topk_hits
 from largebatch.parallel import ParallelCrossEntropyLoss, ParallelLinear, shard_range
 
@@ -15,7 +16,7 @@ ROWS = [6, 0, 5]  # rows held by ranks 0, 1, 2 (rank 1 none); more ranks repeat 
 
 def rows_of(dist) -> slice:
     sizes = [ROWS[r % len(ROWS)] for r in range(dist.size)]
-    return slice(sum(sizes[:dist.rank]), sum(sizes[:dist.rank + 1])), sum(sizes)
+    return slice(sum(sizes[: dist.rank]), sum(sizes[: dist.rank + 1])), sum(sizes)
 
 
 def check_loss(dist, num_classes: int, smoothing: float, ignore_index: int) -> None:
@@ -37,15 +38,15 @@ def check_loss(dist, num_classes: int, smoothing: float, ignore_index: int) -> N
     loss.backward()
     case = f"{num_classes} classes, smoothing {smoothing}, ignore_index {ignore_index}"
     assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6), f"{case}: loss {loss.item()} != {expected.item()}"
-    assert torch.allclose(shard.grad, dense.grad[:, c0:c1], atol=1e-6), \
+    assert torch.allclose(shard.grad, dense.grad[:, c0:c1], atol=1e-6), (
         f"{case}: gradient differs by {(shard.grad - dense.grad[:, c0:c1]).abs().max():.2e}"
+    )
 
     hits = criterion.topk_hits(shard.detach(), target[own])
     valid = target[own] != ignore_index  # an ignored row has no class to hit
     reference = topk_hits(dense.detach()[own][valid], target[own][valid])
     assert [int(h) for h in hits] == [int(h) for h in reference], f"{case}: hits {hits} != {reference}"
-    emit(check="loss", rank=dist.rank, case=case, loss=loss.item(), torch=expected.item(),
-         hits=[int(h) for h in hits])
+    emit(check="loss", rank=dist.rank, case=case, loss=loss.item(), torch=expected.item(), hits=[int(h) for h in hits])
 
 
 def check_layer(dist, dim: int, in_features: int, num_classes: int) -> None:

@@ -7,15 +7,16 @@ batch: backbone on every rank, classifier reassembled on rank 0.
 Covers SGD, LARS and LAMB; even and uneven class counts; an odd feature count (uneven
 feature slices for dim 0); ranks with different numbers of rows; label smoothing. Uses the
 job's own factory (build_state) and its train_step."""
+
 import copy
 
 import torch
+from script import emit
 
 from largebatch.config import parse_config
 from largebatch.job import build_optimizer, build_scheduler, build_state
 from largebatch.metrics import Meter
 from largebatch.train import train_step
-from script import emit
 
 STEPS, GLOBAL_BATCH = 2, 12
 
@@ -23,22 +24,49 @@ STEPS, GLOBAL_BATCH = 2, 12
 def make_model(num_classes: int) -> torch.nn.Module:
     # No batch norm: its statistics would differ between a per-rank and a global batch.
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d((1, 3)),
-                               torch.nn.Flatten(), torch.nn.Linear(21, num_classes))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 7, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d((1, 3)),
+        torch.nn.Flatten(),
+        torch.nn.Linear(21, num_classes),
+    )
 
 
 def own_rows(dist) -> slice:
     """Uneven on purpose: rank r holds more rows than rank r + 1."""
     sizes = [GLOBAL_BATCH // dist.size + (2 if r == 0 else 0) for r in range(dist.size)]
     sizes[-1] = GLOBAL_BATCH - sum(sizes[:-1])
-    start = sum(sizes[:dist.rank])
+    start = sum(sizes[: dist.rank])
     return slice(start, start + sizes[dist.rank])
 
 
 def compare(dist, dim: int, op: str, num_classes: int) -> None:
-    cfg = parse_config(["--synthetic", "--model", "resnet18", "--base-op", op, "--bn-bias-separately", "--base-lr", "0.5", "--wd", "1e-3",
-                        "--lars-eta", "0.02", "--epochs", "2", "--warmup-epochs", "1", "--label-smoothing", "0.1",
-                        "--enable-model-parallel", "--model-parallel-dim", str(dim)])
+    cfg = parse_config(
+        [
+            "--synthetic",
+            "--model",
+            "resnet18",
+            "--base-op",
+            op,
+            "--bn-bias-separately",
+            "--base-lr",
+            "0.5",
+            "--wd",
+            "1e-3",
+            "--lars-eta",
+            "0.02",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--label-smoothing",
+            "0.1",
+            "--enable-model-parallel",
+            "--model-parallel-dim",
+            str(dim),
+        ]
+    )
     g = torch.Generator().manual_seed(num_classes)  # the same global batches on every rank
     images = torch.randn(STEPS, GLOBAL_BATCH, 3, 8, 8, generator=g)
     labels = torch.randint(0, num_classes, (STEPS, GLOBAL_BATCH), generator=g)
@@ -91,4 +119,3 @@ def check(dist, dim: str):
     for op in ("sgd", "lars", "lamb"):
         for num_classes in (10, 7):
             compare(dist, dim, op, num_classes)
-

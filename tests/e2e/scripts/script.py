@@ -2,6 +2,7 @@
 (LARGEBATCH_TEST_ENGINE, set by tests/helpers.py's run_mpi_script) and its results, one JSON
 object per line on stdout, which the tests parse (tests/helpers.py: ``results``). Under
 checks.py, which runs several scripts' checks in one job, each line also names its check."""
+
 import json
 import os
 

@@ -1,15 +1,16 @@
-"""Under mpirun -np 2 (checks.py startup_broadcast:LOG_DIR): start-up leaves rank 0's weights exactly as they were and gives
-every rank the same ones, for a fresh start and for a resumed checkpoint (weight decay on,
-the case where Horovod's broadcast_optimizer_state would move the weights). Built and
-started by the job's own factory, checkpoint store and reader."""
+"""Under mpirun -np 2 (checks.py startup_broadcast:LOG_DIR): start-up leaves rank 0's weights
+exactly as they were and gives every rank the same ones, for a fresh start and for a resumed
+checkpoint (weight decay on, the case where Horovod's broadcast_optimizer_state would move the
+weights). Built and started by the job's own factory, checkpoint store and reader."""
+
 from pathlib import Path
 
 import torch
+from script import emit
 
 from largebatch.config import parse_config
 from largebatch.job import build_state, checkpoints, read_checkpoint
 from largebatch.model import build_model
-from script import emit
 
 CPU = torch.device("cpu")
 
@@ -17,8 +18,28 @@ CPU = torch.device("cpu")
 def build(engine, log_dir):
     # The tests' small model (batch norm, biases, an fc layer, like a ResNet): broadcasting
     # resnet18's 11M weights as Python objects took Horovod 20 s on 2 cores.
-    cfg = parse_config(["--synthetic", "--model", "shufflenet_v2_x0_5", "--num-classes", "10", "--base-op", "lars",
-                        "--bn-bias-separately", "--label-smoothing", "0", "--wd", "0.01", "--epochs", "2", "--warmup-epochs", "1", "--log-dir", str(log_dir)])
+    cfg = parse_config(
+        [
+            "--synthetic",
+            "--model",
+            "shufflenet_v2_x0_5",
+            "--num-classes",
+            "10",
+            "--base-op",
+            "lars",
+            "--bn-bias-separately",
+            "--label-smoothing",
+            "0",
+            "--wd",
+            "0.01",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--log-dir",
+            str(log_dir),
+        ]
+    )
     torch.manual_seed(1234 + engine.rank)  # ranks start from different weights on purpose
     return cfg, build_state(cfg, engine, CPU, num_classes=10, steps_per_epoch=5, model=build_model(cfg.model.model, 10))
 
@@ -69,4 +90,3 @@ def check(engine, log_dir: str):
     assert same(buffers(state.model), own_buffers), f"rank {engine.rank}: resumed BN statistics are not its own"
     assert len(state.optimizer.state) > 0, "momentum buffers were not restored"
     emit(rank=engine.rank, fresh_equal=True, resumed_equal=True)
-
