@@ -11,7 +11,7 @@ DATA    := data/digits
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup demo test test-unit bench convergence clean
+.PHONY: setup demo test test-unit lint bench convergence clean
 
 setup:
 	@LARGEBATCH_HOROVOD=$(if $(filter torch,$(ENGINE)),skip,build) bash tools/setup.sh
@@ -25,13 +25,20 @@ demo: setup $(DATA)/train
 	    --model resnet18 --image-size 32 --crop-scale 0.5,1 --batch-size 32 --val-batch-size 128 \
 	    --epochs $(EPOCHS) --warmup-epochs 1 --base-op lars --bn-bias-separately --label-smoothing 0 --base-lr 2 --wd 5e-5 --workers 1 --engine $(ENGINE)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests -q -ra
 
 # The in-process tier: no mpirun, SLURM, DALI or GPU (markers in pyproject.toml); under two
 # minutes on 2 cores. `make test` runs these and everything else.
-test-unit: setup
+test-unit: setup lint
 	$(PY) -m pytest tests/unit -q -ra -m "not mpi and not slurm and not dali and not gpu"
+
+# ruff (check and format, line length 120) over the whole tree; mypy over the package,
+# lars.py, lamb.py and schedulers.py (settings in pyproject.toml).
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 # Ratios against baselines measured in the same run: bench/results/*.json, tables printed and
 # collected in bench/results/benchmarks.md (docs/benchmarks.md). The GPU part skips without one.

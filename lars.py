@@ -1,33 +1,30 @@
-"""Layer-wise adaptive optimizers for large-batch training: LARS and LAMB.
+"""LARS for large-batch training: You, Gitman & Ginsburg, "Large Batch Training of
+Convolutional Networks", arXiv:1708.03888 (Algorithm 1), in the form used by the MLPerf /
+TensorFlow TPU ResNet-50 reference. LAMB, which shares its trust-ratio machinery, is in
+lamb.py beside it (``from lars import LAMB, create_optimizer_lamb`` still works).
 
-This file depends only on PyTorch and the standard library so that it can be
-copied on its own into other code bases.
+Copying this file. It depends only on PyTorch and the standard library: copy it alone into
+another code base (and lamb.py with it for LAMB). ``python lars.py`` checks a copy: the
+accelerator's update path against the CPU's against a plain transcription of Algorithm 1,
+on a small model. Three things in it serve largebatch only and can be ignored (or deleted):
+``last_trust_ratios`` (the latest ratios, for logging), ``norms_across_shards`` (a hook for
+layers split across processes), and ``_foreach`` (a switch the tests use to force a path).
 
-* :class:`LARS` -- You, Gitman & Ginsburg, "Large Batch Training of
-  Convolutional Networks", arXiv:1708.03888 (Algorithm 1), in the form used
-  by the MLPerf / TensorFlow TPU ResNet-50 reference.
-* :class:`LAMB` -- You et al., "Large Batch Optimization for Deep Learning:
-  Training BERT in 76 minutes", arXiv:1904.00962.
-
-Both optimizers compute their per-tensor trust ratios on the device with
-``torch._foreach_*`` kernels and ``torch.where``. On an accelerator the
-elementwise updates are ``torch._foreach_*`` kernels too and nothing in
-``step()`` reads a tensor value back to the host, so a step never stalls the
-CUDA stream. The ratios of the latest step stay on the device in
-``last_trust_ratios`` for callers that want to log them (reading them *is* a
-sync, so do it only when logging).
+The per-tensor trust ratios are computed on the device with ``torch._foreach_*`` kernels
+and ``torch.where``. On an accelerator the elementwise updates are ``torch._foreach_*``
+kernels too and nothing in ``step()`` reads a tensor value back to the host, so a step never
+stalls the CUDA stream. The ratios of the latest step stay on the device in
+``last_trust_ratios`` (reading them *is* a sync, so do it only when logging).
 
 On the CPU the same arithmetic runs as a loop over tensors instead (see
-:meth:`_LayerwiseOptimizer._uses_foreach`). A host read costs nothing there,
-and the ``_foreach`` path is slow: it materialises a temporary for every
-tensor of a group at once, as much memory as the parameters, which glibc
-tends to hand back to the OS when it is freed, so that every step faults it
-back in page by page -- that costs more than the arithmetic. The loop updates
-in place and touches each tensor while it is still in cache.
+:meth:`_LayerwiseOptimizer._uses_foreach`). A host read costs nothing there, and the
+``_foreach`` path is slow: it materialises a temporary for every tensor of a group at once,
+as much memory as the parameters, which glibc tends to hand back to the OS when it is freed,
+so that every step faults it back in page by page -- that costs more than the arithmetic.
+The loop updates in place and touches each tensor while it is still in cache.
 
-:func:`create_optimizer_lars` and :func:`create_optimizer_lamb` build the
-optimizers with the usual large-batch convention of exempting normalisation
-and bias parameters from weight decay and from the trust ratio.
+:func:`create_optimizer_lars` builds the optimizer with the usual large-batch convention of
+exempting normalisation and bias parameters from weight decay and from the trust ratio.
 """
 
 from collections.abc import Callable, Iterable
@@ -35,7 +32,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.optimizer import required
 
-__all__ = ["LARS", "LAMB", "create_optimizer_lars", "create_optimizer_lamb", "param_groups"]
+# LAMB and create_optimizer_lamb come from lamb.py through __getattr__ below.
+__all__ = ["LARS", "LAMB", "create_optimizer_lars", "create_optimizer_lamb", "param_groups"]  # noqa: F822
+_IN_LAMB = ("LAMB", "create_optimizer_lamb")
 
 
 def _trust_ratios(
@@ -66,7 +65,7 @@ def _trust_ratios(
 def _norms(optimizer, params: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-tensor L2 norms of ``tensors`` (the parameters or their updates), through the
     optimizer's ``norms_across_shards`` hook when one is set."""
-    norms = torch._foreach_norm(tensors)
+    norms = list(torch._foreach_norm(tensors))
     if optimizer.norms_across_shards is not None:
         norms = optimizer.norms_across_shards(params, norms)
     return norms
@@ -218,7 +217,7 @@ class LARS(_LayerwiseOptimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = required,
+        lr: float = required,  # type: ignore[assignment]  # torch's sentinel for a required rate
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         eta: float = 0.001,
@@ -334,186 +333,6 @@ class LARS(_LayerwiseOptimizer):
                     p.sub_(buf, alpha=momentum)
 
 
-class LAMB(_LayerwiseOptimizer):
-    r"""Layer-wise Adaptive Moments for Batch training (LAMB).
-
-    For every parameter tensor :math:`w` with gradient :math:`g` at its
-    :math:`t`-th update (:math:`t = 1, 2, \dots`), learning rate
-    :math:`\eta_{lr}`, betas :math:`(\beta_1, \beta_2)` and weight decay
-    :math:`\lambda`:
-
-    .. math::
-
-        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad
-        v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
-        \hat m &= m / (1 - \beta_1^t), \qquad
-        \hat v = v / (1 - \beta_2^t) \\
-        u &= \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w \\
-        \tau &= \lVert w \rVert / \lVert u \rVert
-                \qquad (\tau = 1 \text{ if } \lVert w \rVert = 0
-                        \text{ or } \lVert u \rVert = 0) \\
-        \tau &\leftarrow \min(\tau, \text{trust\_clip})
-                \qquad \text{(only if trust\_clip is given)} \\
-        w &\leftarrow w - \eta_{lr} \, \tau \, u
-
-    In param groups with ``lars_adaptation=False``, :math:`\tau = 1`, i.e.
-    the group is trained with AdamW-style decoupled weight decay (plain Adam
-    when its weight decay is 0).
-
-    The step count :math:`t` is a Python int kept per parameter in
-    ``state[p]['step']``: a per-parameter count keeps the bias correction
-    right for parameters that receive their first gradient late, and being a
-    Python number it is never read back from the device.
-
-    On the CPU, :math:`u` is computed into a buffer per parameter that is kept
-    from step to step (outside ``state``, so not in checkpoints): every
-    :math:`u` of a group has to exist at once, because the trust ratios need
-    the norms of all of them first (``norms_across_shards`` combines them
-    across processes), and allocating that much afresh every step costs more
-    than the whole update (see the module docstring). Compared with the
-    foreach path, which allocates :math:`u` and the denominators anew every
-    step, that holds one copy of the parameters more between steps and one
-    less at the peak.
-
-    Args:
-        params: iterable of parameters or dicts defining parameter groups.
-        lr: learning rate (see :class:`LARS` for why it has a sentinel
-            default).
-        betas: coefficients of the running averages of the gradient and its
-            square.
-        eps: added to :math:`\sqrt{\hat v}` for numerical stability.
-        weight_decay: decoupled weight decay :math:`\lambda`, part of the
-            update whose norm defines the trust ratio.
-        trust_clip: optional upper bound on the trust ratio.
-        lars_adaptation: apply the trust ratio (same switch name as
-            :class:`LARS` so that the same grouping code serves both).
-
-    Attributes:
-        last_trust_ratios: as for :class:`LARS`.
-        norms_across_shards: as for :class:`LARS`.
-    """
-
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = required,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        trust_clip: float | None = None,
-        lars_adaptation: bool = True,
-    ):
-        if lr is not required and lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if eps < 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if trust_clip is not None and trust_clip <= 0.0:
-            raise ValueError(f"Invalid trust_clip value: {trust_clip}")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            trust_clip=trust_clip,
-            lars_adaptation=lars_adaptation,
-        )
-        super().__init__(params, defaults)
-        self._update_buffers: dict[torch.Tensor, torch.Tensor] = {}
-
-    def _update_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]):
-        """Update one group's params in place; returns its trust ratios (None if not adapted)."""
-        beta1, beta2 = group["betas"]
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-
-        # Bias corrections are Python floats (from Python int steps), so
-        # they enter the kernels as scalars, not device reads.
-        bias_correction1 = [1 - beta1**t for t in steps]
-        bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
-        foreach = self._uses_foreach(params)
-        compute_updates = self._updates_foreach if foreach else self._updates_per_tensor
-        updates = compute_updates(group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt)
-
-        lr = group["lr"]
-        trust = None
-        if group["lars_adaptation"]:
-            trust = _trust_ratios(
-                _norms(self, params, params),
-                _norms(self, params, updates),
-                numerator_scale=1.0,
-                d_w_scale=0.0,
-                epsilon=0.0,
-                trust_clip=group["trust_clip"],
-            )
-        if foreach:
-            if trust is not None:
-                torch._foreach_mul_(updates, list((lr * trust).unbind(0)))
-            else:
-                torch._foreach_mul_(updates, lr)
-            torch._foreach_sub_(params, updates)
-        else:
-            for p, u, scale in zip(params, updates, _scales(lr, trust, len(params))):
-                p.sub_(u, alpha=scale)
-        return trust
-
-    @staticmethod
-    def _updates_foreach(group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
-        """Moments and :math:`u` with foreach kernels; :math:`u` in new tensors."""
-        beta1, beta2 = group["betas"]
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_div_(updates, bias_correction1)
-        if group["weight_decay"] != 0:
-            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
-        return updates
-
-    def _updates_per_tensor(self, group, params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
-        r"""Moments and :math:`u`, one tensor at a time, into the kept update buffers.
-
-        :math:`\hat m / (\sqrt{\hat v} + \epsilon)` is computed as
-        :math:`m / (c_1 \sqrt{v} / c_2 + c_1 \epsilon)` with the bias
-        corrections :math:`c_1 = 1 - \beta_1^t` and :math:`c_2 = \sqrt{1 - \beta_2^t}`
-        folded into the denominator, which saves a pass over :math:`u`.
-        """
-        beta1, beta2 = group["betas"]
-        eps, weight_decay = group["eps"], group["weight_decay"]
-        updates = []
-        for p, g, m, v, c1, c2 in zip(params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
-            u = self._update_buffers.get(p)
-            if u is None:
-                u = torch.empty_like(p, memory_format=torch.preserve_format)
-                self._update_buffers[p] = u
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            torch.sqrt(v, out=u).mul_(c1 / c2).add_(c1 * eps)
-            torch.div(m, u, out=u)
-            if weight_decay != 0:
-                u.add_(p, alpha=weight_decay)
-            updates.append(u)
-        return updates
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float, bn_bias_separately: bool) -> list[dict]:
     """Param groups with normalisation weights and biases optionally split off.
 
@@ -540,18 +359,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float, bn_bias_separately
 def create_optimizer_lars(
     model: torch.nn.Module,
     lr: float,
-    momentum: float,
-    weight_decay: float,
-    bn_bias_separately: bool,
-    epsilon: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-5,
+    bn_bias_separately: bool = False,
+    epsilon: float = 1e-5,
     eta: float = 0.001,
     trust_clip: float | None = None,
 ) -> LARS:
-    """Build :class:`LARS` for ``model``'s trainable parameters.
+    """Build :class:`LARS` for ``model``'s trainable parameters. The defaults are the
+    original Horovod + LARS trainer's (its --momentum, --wd, --epsilon), so its README's
+    ``create_optimizer_lars(model=..., lr=..., momentum=..., weight_decay=...,
+    bn_bias_separately=...)`` means what it meant there.
 
-    With ``bn_bias_separately``, parameters with ``ndim <= 1`` form a second
-    param group (after the weights) with ``weight_decay=0`` and
-    ``lars_adaptation=False``; empty groups are left out.
+    With ``bn_bias_separately`` (recommended), parameters with ``ndim <= 1`` form a second
+    param group (after the weights) with ``weight_decay=0`` and ``lars_adaptation=False``;
+    empty groups are left out.
     """
     groups = param_groups(model, weight_decay, bn_bias_separately)
     return LARS(
@@ -565,25 +387,62 @@ def create_optimizer_lars(
     )
 
 
-def create_optimizer_lamb(
-    model: torch.nn.Module,
-    lr: float,
-    weight_decay: float,
-    bn_bias_separately: bool,
-    epsilon: float = 1e-6,
-    betas: tuple[float, float] = (0.9, 0.999),
-    trust_clip: float | None = None,
-) -> LAMB:
-    """Build :class:`LAMB` for ``model``'s trainable parameters.
+def __getattr__(name: str):
+    # LAMB moved to lamb.py; importing it from here keeps working, and costs nothing until asked.
+    if name in _IN_LAMB:
+        import lamb
 
-    Grouping as in :func:`create_optimizer_lars`.
-    """
-    groups = param_groups(model, weight_decay, bn_bias_separately)
-    return LAMB(
-        groups,
-        lr=lr,
-        betas=betas,
-        eps=epsilon,
-        weight_decay=weight_decay,
-        trust_clip=trust_clip,
-    )
+        return getattr(lamb, name)
+    raise AttributeError(f"module 'lars' has no attribute {name!r}")
+
+
+# --- `python lars.py`: the self-check a copy takes along ----------------------------------------
+
+
+def _algorithm_1(params, grads, bufs, lr, momentum, weight_decay, eta, epsilon):
+    """One LARS step as the paper and the TF reference write it, tensor by tensor."""
+    for w, g, v in zip(params, grads, bufs):
+        w_norm, g_norm = w.norm(), g.norm()
+        trust = eta * w_norm / (g_norm + weight_decay * w_norm + epsilon) if w_norm > 0 and g_norm > 0 else 1.0
+        v.mul_(momentum).add_(lr * trust * (g + weight_decay * w))
+        w.sub_(v)
+
+
+def self_check(steps: int = 5) -> float:
+    """The foreach path, the per-tensor path and :func:`_algorithm_1` from the same start,
+    ``steps`` steps on a small model in float64; returns the largest difference (raises
+    AssertionError if any exceeds 1e-12)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).double()
+    x, y = torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
+    settings: dict = dict(lr=0.5, momentum=0.9, weight_decay=1e-4, eta=0.001, epsilon=1e-5)
+    copies = [[p.detach().clone() for p in model.parameters()] for _ in range(3)]
+    bufs = [torch.zeros_like(p) for p in copies[2]]
+    optimizers = []
+    for params, foreach in zip(copies[:2], (True, False)):
+        opt = LARS([torch.nn.Parameter(p) for p in params], **settings)
+        opt._foreach = foreach
+        optimizers.append(opt)
+    worst = 0.0
+    for _ in range(steps):
+        reference = [torch.nn.Parameter(p.clone()) for p in copies[2]]
+        weights: dict[str, torch.Tensor] = dict(zip(dict(model.named_parameters()), reference))
+        loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, weights, (x,)), y)
+        grads = torch.autograd.grad(loss, reference)
+        for opt in optimizers:
+            for p, g in zip(opt.param_groups[0]["params"], grads):
+                p.grad = g.clone()
+            opt.step()
+        _algorithm_1(copies[2], list(grads), bufs, **settings)
+        for opt in optimizers:
+            for p, q in zip(opt.param_groups[0]["params"], copies[2]):
+                worst = max(worst, (p.detach() - q).abs().max().item())
+                assert torch.allclose(p.detach(), q, rtol=0, atol=1e-12), "LARS differs from Algorithm 1"
+            # Every path continues from the reference's weights, so the gradients stay shared.
+            for p, q in zip(opt.param_groups[0]["params"], copies[2]):
+                p.data.copy_(q)
+    return worst
+
+
+if __name__ == "__main__":
+    print(f"lars.py: the foreach and per-tensor paths equal Algorithm 1 (largest difference {self_check():.1e})")

@@ -77,16 +77,17 @@ class _WarmupScheduler(LRScheduler):
         self.warmup_steps = _as_step_count("warmup_steps", warmup_steps)
         super().__init__(optimizer, last_epoch)
 
-    def _lr_at(self, step: int, base_lr: float) -> float:
+    # A param group's lr may be a tensor (PyTorch allows it); the rates keep its type.
+    def _lr_at(self, step: int, base_lr: float | torch.Tensor) -> float | torch.Tensor:
         """The learning rate of optimizer step ``step`` for base rate ``base_lr``."""
         if step < self.warmup_steps:
             return base_lr * (step + 1) / self.warmup_steps
         return self._decayed_lr(step, base_lr)
 
-    def _decayed_lr(self, step: int, base_lr: float) -> float:
+    def _decayed_lr(self, step: int, base_lr: float | torch.Tensor) -> float | torch.Tensor:
         raise NotImplementedError
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         return [self._lr_at(self.last_epoch, base_lr) for base_lr in self.base_lrs]
 
     # LRScheduler.step(epoch) (deprecated) prefers this when present; every
@@ -152,7 +153,7 @@ class PolynomialWarmup(_DecayToEndScheduler):
         self.power = power
         super().__init__(optimizer, decay_steps, warmup_steps, end_lr, last_epoch)
 
-    def _decayed_lr(self, step: int, base_lr: float) -> float:
+    def _decayed_lr(self, step: int, base_lr: float | torch.Tensor) -> float | torch.Tensor:
         remaining = 1.0 - self._decay_progress(step)
         return (base_lr - self.end_lr) * remaining**self.power + self.end_lr
 
@@ -169,7 +170,7 @@ class CosineWarmup(_DecayToEndScheduler):
         last_epoch: index of the last optimizer step taken, for resuming.
     """
 
-    def _decayed_lr(self, step: int, base_lr: float) -> float:
+    def _decayed_lr(self, step: int, base_lr: float | torch.Tensor) -> float | torch.Tensor:
         cosine = 0.5 * (1.0 + math.cos(math.pi * self._decay_progress(step)))
         return self.end_lr + (base_lr - self.end_lr) * cosine
 
@@ -204,5 +205,5 @@ class MultiStepWarmup(_WarmupScheduler):
         self.gamma = gamma
         super().__init__(optimizer, warmup_steps, last_epoch)
 
-    def _decayed_lr(self, step: int, base_lr: float) -> float:
+    def _decayed_lr(self, step: int, base_lr: float | torch.Tensor) -> float | torch.Tensor:
         return base_lr * self.gamma ** bisect.bisect_right(self.milestones, step)

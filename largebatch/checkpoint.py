@@ -1,6 +1,6 @@
 """Full-state checkpoints: verified writes, keep the last K, resume from the newest intact one.
 
-API (rank 0 calls all of it; ``store = Checkpoints(run_dir, name_format, keep)``):
+API (rank 0 calls all of it; ``store = CheckpointStore(run_dir, name_format, keep)``):
 
     store.save(state, epoch_end, finite=None) -> Path
         write, verify, record and rotate; raises CheckpointWriteError (an OSError whose str
@@ -127,7 +127,7 @@ def warning(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-class Checkpoints:
+class CheckpointStore:
     def __init__(
         self,
         run_dir: Path,
@@ -426,7 +426,7 @@ def all_finite(state: dict) -> bool:
     """Whether every floating-point tensor of the model and optimizer state is finite. Each
     tensor's minimum and maximum decide it (a NaN propagates into both; an infinity is one of
     them): one reduction per tensor, where ``isfinite(t).all()`` made a boolean copy of every
-    tensor, 1-2 s per checkpoint of ResNet-50 on a 2-core machine against 0.03 s."""
+    tensor (the cost of each: docs/benchmarks.md)."""
     ends: dict[torch.device, list[torch.Tensor]] = {}
     for part in ("model", "optimizer"):
         for t in _tensors(state.get(part)):
@@ -587,7 +587,7 @@ def _plain_name(name: str) -> bool:
 
 
 def _name_pattern(name_format: str) -> re.Pattern:
-    """The names ``Checkpoints.name_for`` gives: the format's fields as numbers, and the
+    """The names ``CheckpointStore.name_for`` gives: the format's fields as numbers, and the
     mid-epoch ``-stepN`` before the first dot when the format has no {step}."""
     parts = []
     for literal, field, _, _ in string.Formatter().parse(name_format):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import legacy_flags
-from .argparsing import Parser, UsageError
+from .argparsing import Parser, UsageError, non_negative_float, non_negative_int, positive_float, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -42,34 +42,6 @@ ENTRIES = ("folder", "dali")  # pytorch_imagenet_resnet.py, pytorch_imagenet_res
 
 
 # --- value types of flags ----------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -169,7 +141,7 @@ class DataConfig:
         help=f"training crop size, at least {MIN_IMAGE_SIZE} (a ResNet's stem divides it by 4); "
         f"a size the --model cannot take is refused at start",
     )
-    val_resize: int | None = flag(
+    val_resize: int = flag(  # the flag's None becomes the default in parse_config
         "--val-resize",
         type=positive_int,
         help="validation: resize the shorter side to this, then centre-crop --image-size (default: image-size / 0.875)",
@@ -298,7 +270,7 @@ class ScheduleConfig:
     lr_schedule: str = flag(
         "--lr-schedule", choices=["poly", "cosine", "step"], default="poly", help="decay after the warmup"
     )
-    lr_power: float | None = flag(
+    lr_power: float = flag(  # the flag's None becomes the default in parse_config
         "--lr-power",
         type=positive_float,
         help="poly schedule exponent (default: 2 with --base-op lars, else 1, as in the original trainer)",
@@ -416,7 +388,7 @@ class DistConfig:
         default=False,
         help="split the final linear layer (the classifier) across the processes",
     )
-    model_parallel_dim: int | None = flag(
+    model_parallel_dim: int = flag(  # the flag's None becomes the default in parse_config
         "--model-parallel-dim",
         type=int,
         choices=[-1, 0, 1],
@@ -602,6 +574,7 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     for name, cls in GROUPS.items():
         if name == "dali" and entry != "dali":
             continue
+        assert cls.__doc__ is not None  # every group's docstring starts with its --help title
         group = p.add_argument_group(cls.__doc__.split(" (")[0])
         for f in dataclasses.fields(cls):
             meta = f.metadata

@@ -140,7 +140,7 @@ def clean_stale_temps(directory: Path) -> list[Path]:
     """Remove the temporary files in ``directory`` (not below it) whose writer is dead on
     this host; returns what was removed. Temporaries of live processes, and of other hosts,
     are kept."""
-    removed = []
+    removed: list[Path] = []
     me = host()
     try:
         entries = list(Path(directory).iterdir())

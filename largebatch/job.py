@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import lamb
 import lars
 import schedulers
 
@@ -45,12 +46,12 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
     configure_threads(cfg.numerics.threads)
     engine = start_engine(cfg)
     try:
-        return run_on(engine, cfg, stop)
+        return run_with_engine(engine, cfg, stop)
     finally:
         engine.close()
 
 
-def run_on(engine: Engine, cfg: Config, stop: StopRequest) -> int:
+def run_with_engine(engine: Engine, cfg: Config, stop: StopRequest) -> int:
     device = pick_device(cfg, engine)
     if cfg.run.evaluate:
         return run_evaluation(cfg, engine, device)
@@ -63,18 +64,10 @@ def run_on(engine: Engine, cfg: Config, stop: StopRequest) -> int:
         f"{cfg.schedule.batch_size * cfg.schedule.batches_per_allreduce * engine.size}",
     )
 
-    configure_determinism(cfg.numerics.deterministic, cfg.run.seed + engine.rank)
-    state = build_state(
-        cfg,
-        engine,
-        device,
-        data.num_classes,
-        data.batches_per_epoch // cfg.schedule.batches_per_allreduce,
-        model=initial_model(cfg, engine, data.num_classes),
-    )
+    state = state_for(cfg, engine, device, data)
     data = state.classifier.input(data, cfg.data.image_size, device)
     torch.manual_seed(cfg.run.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
-    state.start(read_checkpoint(cfg, engine))
+    state.start(resume_checkpoint(cfg, engine))
     if state.position.epoch >= cfg.schedule.epochs:
         console.print(
             f"{cfg.run.log_dir} already finished its {cfg.schedule.epochs} epochs; nothing to do "
@@ -85,9 +78,14 @@ def run_on(engine: Engine, cfg: Config, stop: StopRequest) -> int:
     step = state.position.step
     board = Board(cfg.run.log_dir, engine.is_main, purge_step=step + 1 if step else None)
     profiler = StepProfiler(
-        cfg.profile.prof, cfg.run.log_dir / "profile", engine.rank, device, engine, cfg.profile.timeline
+        cfg.profile.prof,
+        out_dir=cfg.run.log_dir / "profile",
+        rank=engine.rank,
+        device=device,
+        engine=engine,
+        timeline=cfg.profile.timeline,
     )
-    result = train(state, data, cfg, Hooks(console, board, stop, profiler, saver(cfg, board)))
+    result = train(state, data, cfg, Hooks(console, board, stop, profiler, CheckpointSaver(cfg, board)))
     if result == "profiled":
         console.print(f"profiled {cfg.profile.prof} steps; trace: {', '.join(map(str, profiler.trace_files()))}")
     if engine.is_main:
@@ -96,7 +94,7 @@ def run_on(engine: Engine, cfg: Config, stop: StopRequest) -> int:
             cfg.run.log_dir,
             "failed" if result in EXIT_STATUS else result,
             state.position,
-            checkpoints(cfg).latest(finite_only=result == "diverged"),
+            checkpoint_store(cfg).latest(finite_only=result == "diverged"),
         )
         console.print(
             f"{result}: run directory {cfg.run.log_dir} (TensorBoard: tensorboard --logdir {cfg.run.log_dir})"
@@ -116,16 +114,8 @@ def run_evaluation(cfg: Config, engine: Engine, device: torch.device) -> int:
     lock and writes nothing, so it may look at a run that is still training."""
     data = build_input(cfg, engine, device)
     console = Console(engine.is_main, cfg.run.progress)
-    found = on_rank_0(engine, lambda: find_weights(cfg, data.num_classes), name="evaluate_check")
-    configure_determinism(cfg.numerics.deterministic, cfg.run.seed + engine.rank)
-    state = build_state(
-        cfg,
-        engine,
-        device,
-        data.num_classes,
-        max(1, data.batches_per_epoch // cfg.schedule.batches_per_allreduce),
-        model=initial_model(cfg, engine, data.num_classes),
-    )
+    found = on_rank_0(engine, lambda: weights_to_evaluate(cfg, data.num_classes), name="evaluate_check")
+    state = state_for(cfg, engine, device, data)
     # Only the weights: the optimizer and schedule of the flags given need not match the run's.
     path, ckpt = found if found else (None, None)
     weights = state.classifier.scatter_state(
@@ -138,11 +128,8 @@ def run_evaluation(cfg: Config, engine: Engine, device: torch.device) -> int:
         source = f"torchvision's pretrained {cfg.model.model}"
     else:
         state.model.load_state_dict(weights["model"])
-        source = str(
-            engine.broadcast_object(
-                path and f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})", name="evaluate_source"
-            )
-        )
+        named = f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})" if path and ckpt else None
+        source = str(engine.broadcast_object(named, name="evaluate_source"))
     val = evaluate(state, state.classifier.input(data, cfg.data.image_size, device).val())
     console.print(
         f"evaluated {source} on {engine.size} process(es): val loss {val['loss']:.4f} "
@@ -151,14 +138,15 @@ def run_evaluation(cfg: Config, engine: Engine, device: torch.device) -> int:
     return 0
 
 
-def find_weights(cfg: Config, num_classes: int) -> tuple[Path, dict] | None:
+def weights_to_evaluate(cfg: Config, num_classes: int) -> tuple[Path, dict] | None:
     """Rank 0: the checkpoint --evaluate validates, or None for --pretrained weights."""
+    found: tuple[Path, dict] | None
     if cfg.run.resume not in ("auto", "none"):
         path = Path(cfg.run.resume)
         found = path, checkpoint.load(path)
     else:
         found = (
-            checkpoints(cfg, read_only=True).load_newest(finite_only=True)
+            checkpoint_store(cfg, read_only=True).load_newest(finite_only=True)
             if cfg.run.resume == "auto" and cfg.run.log_dir.is_dir()
             else None
         )
@@ -187,6 +175,16 @@ def initial_model(cfg: Config, engine: Engine, num_classes: int) -> torch.nn.Mod
     torch.manual_seed(cfg.run.seed)  # a classifier that does not fit the weights starts as a fresh one would
     return on_every_rank(
         engine, lambda: build_model(cfg.model.model, num_classes, pretrained=True), name="pretrained_check"
+    )
+
+
+def state_for(cfg: Config, engine: Engine, device: torch.device, data: Input) -> TrainState:
+    """The training state a run (or --evaluate) starts from, for this input: seeded, with
+    --pretrained weights when asked, its schedule counted in this input's steps."""
+    configure_determinism(cfg.numerics.deterministic, cfg.run.seed + engine.rank)
+    steps_per_epoch = max(1, data.batches_per_epoch // cfg.schedule.batches_per_allreduce)
+    return build_state(
+        cfg, engine, device, data.num_classes, steps_per_epoch, model=initial_model(cfg, engine, data.num_classes)
     )
 
 
@@ -258,39 +256,38 @@ def compile_forward(gradients, mode: str) -> None:
     use ``aot_eager`` (the same graph capture and autograd, no code generation), since
     Inductor's C++ builds take minutes on a 2-core machine."""
     backend = os.environ.get("LARGEBATCH_COMPILE_BACKEND", "inductor")
-    options = {"mode": mode} if backend == "inductor" else {}  # the modes are Inductor's
-    gradients.module = torch.compile(gradients.module, backend=backend, **options)
+    # The modes are Inductor's.
+    gradients.module = torch.compile(gradients.module, backend=backend, mode=mode if backend == "inductor" else None)
 
 
-def saver(cfg: Config, board: Board):
-    """The loop's save hook: every rank contributes to the checkpoint, rank 0 writes it, and
-    every rank learns whether that worked (a failed write stops them all, with one line)."""
-    store = checkpoints(cfg)
+class CheckpointSaver:
+    """The loop's save hook, ``saver(state, epoch_end)``: every rank contributes to the
+    checkpoint, rank 0 writes it and the status, and every rank learns whether that worked
+    (a failed write stops them all, with one line)."""
 
-    def save(state: TrainState, epoch_end: bool) -> None:
+    def __init__(self, cfg: Config, board: Board):
+        self.store, self.log_dir, self.board = checkpoint_store(cfg), cfg.run.log_dir, board
+
+    def __call__(self, state: TrainState, epoch_end: bool) -> None:
         checkpoint_dict, problem = state.state_dict(), ""
         if checkpoint_dict is not None:
             try:
-                path = store.save(checkpoint_dict, epoch_end)
-                write_status(cfg.run.log_dir, "running", state.position, path)
-                board.flush()
+                path = self.store.save(checkpoint_dict, epoch_end)
+                write_status(self.log_dir, "running", state.position, path)
+                self.board.flush()
+            except checkpoint.CheckpointWriteError as e:
+                problem = str(e)
             except OSError as e:
-                problem = (
-                    str(e)
-                    if isinstance(e, checkpoint.CheckpointWriteError)
-                    else f"cannot write to {cfg.run.log_dir}: {e.strerror or e}"
-                )
+                problem = f"cannot write to {self.log_dir}: {e.strerror or e}"
         problem = state.engine.broadcast_object(problem, name="save_check")
         if problem:
             raise checkpoint.CheckpointWriteError(None, problem)
 
-    return save
 
-
-def read_checkpoint(cfg: Config, engine: Engine) -> dict | None:
-    """Rank 0 finds and reads the checkpoint to resume from (None: start fresh; None on the
+def resume_checkpoint(cfg: Config, engine: Engine) -> dict | None:
+    """The checkpoint this run continues from, read by rank 0 (None: start fresh; None on the
     other ranks); a problem stops every rank."""
-    return on_rank_0(engine, lambda: find_checkpoint(cfg, engine.size), name="resume_check")
+    return on_rank_0(engine, lambda: checkpoint_to_resume(cfg, engine.size), name="resume_check")
 
 
 def start_engine(cfg: Config) -> Engine:
@@ -328,8 +325,8 @@ def pick_device(cfg: Config, engine: Engine) -> torch.device:
 def configure_threads(threads: int | None) -> None:
     """--threads N, else OMP_NUM_THREADS as the user set it. PyTorch caps OMP_NUM_THREADS at the
     number of cores, but ranks that share cores keep them busier with more threads than cores
-    between them: Horovod's ImageNet example sets 4 per rank, and one ResNet-50 epoch on 2 ranks
-    and 2 cores took 33 s with 4 threads per rank against 51 s with the 2 that PyTorch kept."""
+    between them: Horovod's ImageNet example sets 4 per rank (what that is worth an epoch:
+    docs/benchmarks.md)."""
     if threads is None:
         value = os.environ.get("OMP_NUM_THREADS", "")
         threads = int(value) if value.isdigit() and int(value) > 0 else None
@@ -436,7 +433,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opt
             trust_clip=cfg.optim.trust_clip,
         )
     if cfg.optim.base_op == "lamb":
-        return lars.create_optimizer_lamb(
+        return lamb.create_optimizer_lamb(
             model,
             lr=lr,
             weight_decay=cfg.optim.wd,
@@ -461,18 +458,21 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     return schedulers.MultiStepWarmup(optimizer, milestones=milestones, gamma=0.1, warmup_steps=warmup)
 
 
-def checkpoints(cfg: Config, read_only: bool = False) -> checkpoint.Checkpoints:
-    return checkpoint.Checkpoints(
+def checkpoint_store(cfg: Config, read_only: bool = False) -> checkpoint.CheckpointStore:
+    return checkpoint.CheckpointStore(
         cfg.run.log_dir, cfg.run.checkpoint_format, cfg.run.keep_checkpoints, read_only=read_only
     )
 
 
-def find_checkpoint(cfg: Config, world_size: int) -> dict | None:
-    store = checkpoints(cfg)
+def checkpoint_to_resume(cfg: Config, world_size: int) -> dict | None:
+    """Rank 0: the checkpoint --resume names (auto: the newest usable one in --log-dir), read
+    and checked to belong to this run; None to start fresh."""
+    store = checkpoint_store(cfg)
     if cfg.run.resume == "none":
-        if store.latest() is not None:
+        held = store.latest()
+        if held is not None:
             raise UsageError(
-                f"--log-dir {cfg.run.log_dir} already holds checkpoints ({store.latest().name}); "
+                f"--log-dir {cfg.run.log_dir} already holds checkpoints ({held.name}); "
                 f"use --resume auto to continue that run, or a new --log-dir"
             )
         return None

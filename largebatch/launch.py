@@ -121,8 +121,8 @@ class Launcher:
         self.proc = subprocess.Popen(
             self.cmd, start_new_session=True, stdin=subprocess.DEVNULL, env={**os.environ, EXIT_DIR: str(self.exits)}
         )
-        for sig in self.pending:
-            self._forward(sig)
+        for signum in self.pending:
+            self._forward(signum)
 
     def _on_signal(self, signum, frame) -> None:
         if self.proc is None:
@@ -131,6 +131,7 @@ class Launcher:
             self._forward(signum)
 
     def _forward(self, signum: int) -> None:
+        assert self.proc is not None  # the signals that came before it are held in self.pending
         first = self.stop_asked is None
         if first:
             self.stop_asked = time.time()
@@ -153,6 +154,7 @@ class Launcher:
             pass  # it ended meanwhile
 
     def _signal_catchers(self) -> None:
+        assert self.proc is not None
         for pid in tree(self.proc.pid):
             if catches(pid, signal.SIGUSR1):
                 try:
@@ -162,6 +164,7 @@ class Launcher:
                     pass
 
     def wait(self) -> int:
+        assert self.proc is not None, "start() first"
         while True:
             try:
                 code = self.proc.wait(timeout=1)
@@ -195,6 +198,7 @@ class Launcher:
         except (OSError, ValueError, AttributeError):
             return False
         # Written after the request: a status left by an earlier job of the run says nothing.
+        assert self.stop_asked is not None  # asked only after a stop
         return written >= self.stop_asked - 1 and state in ("stopped", "finished")
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argparsing import UsageError
+from .argparsing import UsageError, positive_float
 
 # What Apex's main_amp.py trains when its command line names only a data root: resnet18,
 # 256 images per process, SGD (momentum 0.9, weight decay 1e-4 on every parameter, no label
@@ -46,13 +46,6 @@ APEX_RECIPE = {
     "print_freq": 10,
 }
 APEX_LR = 0.1  # main_amp.py's default --lr, per 256 images
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser, entry: str) -> None:
@@ -81,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser, entry: str) -> None:
         "--lr",
         "--learning-rate",
         dest="seed_lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="LR",
         help="Apex's rate per 256 images: sets --base-lr LR x batch-size / 256 and --lr-scaling linear",
@@ -119,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser, entry: str) -> None:
     g.add_argument(
         "--static-loss-scale",
         dest="seed_static_loss_scale",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="N",
         help="with --fp16: this fixed loss scale",

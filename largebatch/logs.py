@@ -63,6 +63,33 @@ class Console:
             self._bar = None
         self.print(summary)
 
+    # --- how the loop's epochs end -----------------------------------------------------------
+
+    def validated(self, epoch: int, epochs: int, val: dict) -> None:
+        self.end_epoch(
+            f"epoch {epoch + 1}/{epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
+            f"top5 {val['top5']:.2f} ({val['count']} images)"
+        )
+
+    def stopped(self, reason: str | None, epoch: int, step: int | None) -> None:
+        """A stop request honoured, its checkpoint written: mid-epoch at ``step``, or at the
+        epoch's end (``step`` None)."""
+        where = f"at epoch {epoch + 1} step {step}" if step is not None else f"at the end of epoch {epoch + 1}"
+        self.end_epoch(f"stopped by {reason} {where}; checkpoint written, resume with --resume auto")
+
+    def diverged(self, nonfinite_steps: int, step: int, limit: int) -> None:
+        self.end_epoch(
+            f"stopped: the loss was not finite in {nonfinite_steps} optimizer step(s) up to step {step} "
+            f"(--max-nonfinite-steps {limit}); the run diverged, its last finite checkpoint is kept"
+        )
+
+    def starved(self, epoch: int, trained: int, expected: int) -> None:
+        self.end_epoch(
+            f"stopped: epoch {epoch + 1} trained on {trained} of the {expected} images it read; the rest were "
+            f"unreadable (see the warnings): fix or remove them, then --resume auto continues from the last "
+            f"checkpoint"
+        )
+
 
 def summary_writer_class():
     """(SummaryWriter class, where it came from), or (None, why there is none): tensorboardX

@@ -68,7 +68,7 @@ def resolve_policy(
     if precision and opt_level:
         raise ValueError("give --precision or --opt-level, not both")
     policy = LEVELS[opt_level] if opt_level else PRECISIONS[precision or "fp32"]
-    changes = {}
+    changes: dict[str, bool | str | float] = {}
     if keep_bn_fp32 is not None:
         if policy.cast_model is None:
             raise ValueError(f"--keep-batchnorm-fp32 applies to O2, O3, fp16 and bf16, not {policy.name}")
@@ -76,15 +76,15 @@ def resolve_policy(
     if loss_scale is not None:
         if torch.float16 not in (policy.autocast, policy.cast_model):
             raise ValueError(f"--loss-scale applies to fp16 levels (O1, O2, O3); {policy.name} needs none")
+        scale: str | float = loss_scale
         if loss_scale != "dynamic":
             try:
-                value = float(loss_scale)
+                scale = float(loss_scale)
             except ValueError:
                 raise ValueError(f"--loss-scale must be 'dynamic' or a positive number, got {loss_scale!r}") from None
-            if not value > 0:
+            if not scale > 0:
                 raise ValueError(f"--loss-scale must be positive, got {loss_scale}")
-            loss_scale = value
-        changes["loss_scale"] = loss_scale
+        changes["loss_scale"] = scale
     return Policy(**{**policy.__dict__, **changes})
 
 
@@ -136,7 +136,7 @@ class Precision:
         self.scaler = None
         if policy.loss_scale is not None:
             dynamic = policy.loss_scale == "dynamic"
-            self.scaler = LossScaler(2.0**16 if dynamic else policy.loss_scale, dynamic, device)
+            self.scaler = LossScaler(2.0**16 if dynamic else float(policy.loss_scale), dynamic, device)
         self._cast: set[int] = set()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -16,7 +16,9 @@ WAIT, WARMUP = 2, 2
 
 
 class StepProfiler:
-    def __init__(self, steps: int, out_dir: Path, rank: int, device: torch.device, engine=None, timeline: bool = False):
+    def __init__(
+        self, steps: int, *, out_dir: Path, rank: int, device: torch.device, engine=None, timeline: bool = False
+    ):
         self.steps, self.out_dir, self.rank, self.device = steps, out_dir, rank, device
         self.engine, self.timeline = engine, timeline
         self.count = 0

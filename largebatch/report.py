@@ -188,11 +188,12 @@ def summarize(run: Run) -> dict:
     best_step, best = max(val, key=lambda p: p[1]) if val else (None, None)
     spe = run.steps_per_epoch
     rates = [v for _, v in run.scalars.get("train/images_per_sec", [])]
+    epoch = run.last("epoch")
     return {
         "run": str(run.path),
         "label": run.label,
         "state": run.state,
-        "epochs": round(run.last("epoch")) if run.last("epoch") is not None else 0,
+        "epochs": round(epoch) if epoch is not None else 0,
         "steps": max((p[-1][0] for p in run.scalars.values() if p), default=0),
         "best_val_top1": best,
         "best_epoch": round(best_step / spe) if best_step is not None and spe else None,

@@ -107,6 +107,7 @@ class RunLock:
     def release(self) -> None:
         if not self.held:
             return
+        assert self._fd is not None  # held: locked through it
         _HELD.pop(os.path.realpath(self.run_dir), None)
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)

@@ -19,8 +19,15 @@ Only plain types and tensors go in, so it loads with ``torch.load(weights_only=T
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+if TYPE_CHECKING:
+    from .engines import Engine, Gradients
+    from .parallel import DenseClassifier
+    from .precision import Precision
 
 VERSION = 1
 
@@ -34,13 +41,13 @@ class Position:
 
 @dataclass
 class TrainState:
-    engine: object
+    engine: Engine
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    precision: object  # precision.Precision
-    classifier: object  # parallel.DenseClassifier or ShardedClassifier
-    gradients: object  # engines.Gradients: how this step's gradients are averaged
+    scheduler: LRScheduler
+    precision: Precision
+    classifier: DenseClassifier  # or its subclass ShardedClassifier
+    gradients: Gradients  # how this step's gradients are averaged
     args: dict = field(default_factory=dict)
     position: Position = field(default_factory=Position)
 

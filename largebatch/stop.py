@@ -19,7 +19,7 @@ LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PM
 
 
 class StopRequest:
-    def __init__(self):
+    def __init__(self) -> None:
         self.reason: str | None = None
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)

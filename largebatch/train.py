@@ -8,8 +8,9 @@ globals and asks no engine- or feature-specific questions.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,19 +19,26 @@ from .metrics import Meter
 from .model import has_batchnorm
 from .state import TrainState
 
+if TYPE_CHECKING:
+    from .config import Config
+    from .data import Batch, Input
+    from .logs import Board, Console
+    from .profiling import StepProfiler
+    from .stop import StopRequest
+
 
 @dataclass
 class Hooks:
     """What the loop reports to and listens to."""
 
-    console: object  # logs.Console
-    board: object  # logs.Board (TensorBoard)
-    stop: object  # stop.StopRequest
-    profiler: object  # profiling.StepProfiler
+    console: Console
+    board: Board  # TensorBoard
+    stop: StopRequest
+    profiler: StepProfiler
     save: Callable[[TrainState, bool], None]  # save(state, epoch_end): a collective
 
 
-def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
+def train(state: TrainState, data: Input, cfg: Config, hooks: Hooks) -> str:
     """Train from ``state.position`` to ``cfg.schedule.epochs``. Returns "finished"; "stopped" after a
     stop request (a signal), once a checkpoint is written; "profiled" once --prof's steps are
     recorded; "diverged" when more than --max-nonfinite-steps steps had a non-finite loss; or
@@ -38,7 +46,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
     ``state.position`` tells where it ended."""
     n_micro = cfg.schedule.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
-    engine, pos = state.engine, state.position
+    engine, pos, console = state.engine, state.position, hooks.console
     images_per_step = cfg.schedule.batch_size * n_micro * engine.size
     nonfinite_steps = 0
     device = next(state.model.parameters()).device
@@ -46,7 +54,7 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
     for epoch in range(pos.epoch, cfg.schedule.epochs):
         state.model.train()
         meter, speed = Meter(device, state.classifier.hits), Throughput()
-        hooks.console.start_epoch(epoch, cfg.schedule.epochs, steps_per_epoch, pos.epoch_step)
+        console.start_epoch(epoch, cfg.schedule.epochs, steps_per_epoch, pos.epoch_step)
         batches = too_small.skipped(data.train(epoch, start_batch=pos.epoch_step * n_micro))
         images = Images(expected=(steps_per_epoch - pos.epoch_step) * images_per_step)
         while pos.epoch_step < steps_per_epoch:
@@ -61,19 +69,11 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
                 nonfinite_steps += stats["nonfinite_steps"]
                 images.trained += stats["count"]
                 if nonfinite_steps > cfg.run.max_nonfinite_steps:
-                    hooks.console.end_epoch(
-                        f"stopped: the loss was not finite in {nonfinite_steps} optimizer "
-                        f"step(s) up to step {pos.step} (--max-nonfinite-steps "
-                        f"{cfg.run.max_nonfinite_steps}); the run diverged, its last finite "
-                        f"checkpoint is kept"
-                    )
+                    console.diverged(nonfinite_steps, pos.step, cfg.run.max_nonfinite_steps)
                     return "diverged"
                 if hooks.stop.agreed(engine):
                     hooks.save(state, False)
-                    hooks.console.end_epoch(
-                        f"stopped by {hooks.stop.reason} at epoch {epoch + 1} step "
-                        f"{pos.epoch_step}; checkpoint written, resume with --resume auto"
-                    )
+                    console.stopped(hooks.stop.reason, epoch, pos.epoch_step)
                     return "stopped"
             if (
                 cfg.run.checkpoint_every
@@ -82,29 +82,17 @@ def train(state: TrainState, data, cfg, hooks: Hooks) -> str:
             ):
                 hooks.save(state, False)
         batches.close()
-        if images.starved():  # no epoch of it is validated or saved
-            hooks.console.end_epoch(
-                f"stopped: epoch {epoch + 1} trained on {images.trained} of the {images.expected} "
-                f"images it read; the rest were unreadable (see the warnings): fix or remove "
-                f"them, then --resume auto continues from the last checkpoint"
-            )
+        if images.starved():  # such an epoch is neither validated nor saved
+            console.starved(epoch, images.trained, images.expected)
             return "unreadable"
         engine.average_buffers(state.model)  # one set of BN statistics for validation and the checkpoint
         val = evaluate(state, data.val())
-        hooks.board.scalars(
-            pos.step, {"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"], "epoch": epoch + 1}
-        )
+        hooks.board.scalars(pos.step, {**{f"val/{k}": val[k] for k in ("loss", "top1", "top5")}, "epoch": epoch + 1})
         pos.epoch, pos.epoch_step = epoch + 1, 0
         hooks.save(state, True)
-        hooks.console.end_epoch(
-            f"epoch {epoch + 1}/{cfg.schedule.epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
-            f"top5 {val['top5']:.2f} ({val['count']} images)"
-        )
+        console.validated(epoch, cfg.schedule.epochs, val)
         if hooks.stop.agreed(engine):  # a signal during validation or the epoch's checkpoint
-            hooks.console.print(
-                f"stopped by {hooks.stop.reason} at the end of epoch {epoch + 1}; checkpoint "
-                f"written, resume with --resume auto"
-            )
+            console.stopped(hooks.stop.reason, epoch, None)
             return "stopped"
     return "finished"
 
@@ -136,7 +124,7 @@ class SmallBatches:
             torch.zeros(0, dtype=torch.long, device=device),
         )
 
-    def skipped(self, batches):
+    def skipped(self, batches: Iterable[Batch]) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         try:
             for images, labels in batches:
                 if images is not None and 0 < len(images) < self.min_images:
@@ -149,7 +137,7 @@ class SmallBatches:
                             flush=True,
                         )
                     images = None
-                if images is None:
+                if images is None or labels is None:
                     yield self.empty
                     continue
                 if self.empty[0].dtype != images.dtype or self.empty[0].device != images.device:
@@ -163,7 +151,7 @@ class SmallBatches:
                 close()
 
 
-def train_step(state: TrainState, micro_batches, meter: Meter) -> None:
+def train_step(state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], meter: Meter) -> None:
     """One optimizer step over ``len(micro_batches)`` micro-batches.
 
     The loss is divided by the micro-batch count so the step equals one on the
@@ -218,14 +206,14 @@ def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr:
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, batches) -> dict:
+def evaluate(state: TrainState, batches: Iterable[Batch]) -> dict:
     """Loss and top-1/top-5 over every validation image once; rank-summed, so it equals a
     single-process evaluation."""
     model = state.model
     model.eval()
     meter = Meter(next(model.parameters()).device, state.classifier.hits)
     for images, labels in batches:
-        if images is None:
+        if images is None or labels is None:
             continue
         logits = state.precision.forward(model, images)
         meter.add(state.criterion(logits.float(), labels), logits, labels)

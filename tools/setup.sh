@@ -98,9 +98,13 @@ if version < (70, 1):
 sys.exit(version < (64, 0))
 EOF
     then
-        pip install -q --no-deps --no-build-isolation -e . || die "pip install -e . failed (see above)"
+        # setuptools warns every editable install about same-named folders in the working
+        # directory; this checkout is that folder, on purpose.
+        PYTHONWARNINGS="ignore:Editable installation" pip install -q --no-deps --no-build-isolation -e . \
+            || die "pip install -e . failed (see above)"
     else
-        pip install -q --no-deps -e . || die "pip install -e . failed (see above)"
+        PYTHONWARNINGS="ignore:Editable installation" pip install -q --no-deps -e . \
+            || die "pip install -e . failed (see above)"
     fi
     [ "$(installed_from)" = "$repo" ] || die "installed, but Python does not import largebatch from $repo"
     echo "$pkg_key" > $VENV/.largebatch

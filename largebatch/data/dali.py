@@ -150,6 +150,7 @@ class TFRecordSource:
     def _labels(self, cfg: Config, meta: dict | None) -> tuple[int, int]:
         path = self.root / "idx_files" / DATASET_JSON
         base = meta.get("label_base") if meta else None
+        assert cfg.dali is not None  # the DALI entry's config
         if cfg.dali.label_offset == "auto":
             if base is None:
                 why = "is missing" if meta is None else "records no usual label base (0 or 1)"
@@ -171,7 +172,9 @@ class TFRecordSource:
             raise UsageError(f"--num-classes is needed: {path} does not give the number of classes")
         if cfg.data.num_classes is not None and known is not None and cfg.data.num_classes < known:
             raise UsageError(f"--num-classes {cfg.data.num_classes}, but the labels of {self.root} need {known}")
-        return offset, cfg.data.num_classes or known
+        num_classes = cfg.data.num_classes or known
+        assert num_classes is not None  # one of them is known, or the run stopped above
+        return offset, num_classes
 
     def train_plan(self, cfg: Config, rank: int, size: int, epoch: int, start_batch: int, batches: int) -> ReadPlan:
         files = self.files["train"]
@@ -218,6 +221,7 @@ class FolderSource:
     def __init__(self, root: Path, cfg: Config):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+        assert cfg.dali is not None  # the DALI entry's config
         if cfg.dali.label_offset not in ("auto", "0"):
             raise UsageError("--label-offset applies to TFRecords; folder labels are class indices")
         sets = {}
@@ -272,11 +276,12 @@ class DaliInput:
             raise UsageError(
                 "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, see requirements.txt)"
             ) from None
+        assert cfg.dali is not None  # the DALI entry's config
         if cfg.dali.dali_device == "gpu":
             if device.type != "cuda":
                 why = "--no-cuda was given" if cfg.numerics.no_cuda else "no CUDA GPU is visible to this process"
                 raise UsageError(f"--dali-device gpu needs a GPU, but {why}; use --dali-device cpu")
-            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+            self.device_id: int | None = device.index if device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
         self.cfg, self.rank, self.size, self.device = cfg, rank, size, device
@@ -333,6 +338,7 @@ class DaliInput:
         from nvidia.dali import Pipeline, fn, types
 
         cfg = self.cfg
+        assert cfg.dali is not None  # the DALI entry's config
         pipe = Pipeline(
             batch_size=plan.batch_size,
             num_threads=self.threads,
@@ -393,11 +399,11 @@ class DaliInput:
         if plan.kind == "file":
             return fn.readers.file(**plan.reader, name="Reader")
         features = {
-            ENCODED: tfrecord.FixedLenFeature((), tfrecord.string, ""),
+            ENCODED: tfrecord.FixedLenFeature([], tfrecord.string, ""),
             LABEL: tfrecord.FixedLenFeature([1], tfrecord.int64, -1),
         }
         records = fn.readers.tfrecord(**plan.reader, features=features, name="Reader")
-        return records[ENCODED], records[LABEL]
+        return records[ENCODED], records[LABEL]  # type: ignore[call-overload,index]  # a dict: DALI's stub is wrong
 
     def _to_torch(self, batch) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -406,16 +412,17 @@ class DaliInput:
 
         tensor = batch.as_tensor()
         on_gpu = isinstance(batch, TensorListGPU)
-        out = torch.empty(
-            tensor.shape(),
-            dtype=to_torch_type[tensor.dtype],
-            device=torch.device("cuda", self.device_id) if on_gpu else "cpu",
-        )
+        where: torch.device | str = "cpu"
+        if on_gpu:
+            assert self.device_id is not None  # only a GPU pipeline gives GPU batches
+            where = torch.device("cuda", self.device_id)
+        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=where)
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device) if on_gpu else None)
         return out
 
     def _check_labels(self, labels: torch.Tensor, split: str) -> None:
         low, high = int(labels.min()), int(labels.max())
+        assert self.cfg.dali is not None  # the DALI entry's config
         if low < 0 or high >= self.num_classes:
             bad = low if low < 0 else high
             raise DataError(
@@ -430,6 +437,7 @@ class DaliInput:
         from nvidia.dali import Pipeline, fn, types
 
         reason = _dali_reason(str(error))
+        assert self.cfg.dali is not None  # the DALI entry's config
         window = range(failed, min(plan.batches, failed + self.cfg.dali.dali_prefetch + 2))
         try:
             reader = self._pipeline(plan, with_ids=False, decode=False)

@@ -29,7 +29,7 @@ def write_digits(
     for rank, i in enumerate(order):
         split = "val" if rank < n_val else "train"
         pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
-        image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
+        image = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
         folder = out / split / str(digits.target[i])
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i:04d}.jpg", quality=95)

@@ -140,6 +140,7 @@ class FolderInput:
         self.train_set = _open(cfg.data.train_dir, "--train-dir", train_transform(cfg, uint8=on_gpu))
         self.val_set = _open(cfg.data.val_dir, "--val-dir", val_transform(cfg, uint8=on_gpu))
         same_classes(self.train_set.classes, self.val_set.classes, "--train-dir", "--val-dir")
+        assert cfg.data.train_dir is not None  # _open refused a missing one
         _check_readable_classes(self.train_set, "--train-dir", cfg.data.train_dir, rank, size)
         self.num_classes = len(self.train_set.classes)
         if cfg.data.num_classes is not None and cfg.data.num_classes != self.num_classes:

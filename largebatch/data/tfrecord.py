@@ -56,6 +56,7 @@ import sys
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 
@@ -164,6 +165,7 @@ def _fields(buf: bytes):
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == 0:
             value, pos = _read_varint(buf, pos)
         elif wire == 2:
@@ -342,9 +344,9 @@ def _class_samples(root: Path, class_to_idx: dict[str, int] | None = None):
 def plan_conversion(src: Path, shard_size: int, label_base: int, seed: int) -> tuple[list[str], list[Shard]]:
     import numpy as np
 
-    for folder in SPLITS.values():
-        if not (src / folder).is_dir():
-            raise UsageError(f"{src / folder}: no such directory (SRC needs train/ and val/, one folder per class)")
+    for name in SPLITS.values():
+        if not (src / name).is_dir():
+            raise UsageError(f"{src / name}: no such directory (SRC needs train/ and val/, one folder per class)")
     classes, train = _class_samples(src / "train")
     val_classes, _ = _class_samples(src / "val")
     same_classes(classes, val_classes, f"{src}/train", f"{src}/val")
@@ -393,15 +395,15 @@ def _check_plan(out: Path, src: Path, shards: list[Shard], settings: dict) -> No
     _write_atomically(path, (json.dumps(plan, indent=1) + "\n").encode())
 
 
-def _run_pool(function, tasks: list, workers: int, total: int, desc: str, weight) -> list:
+def _run_pool(function, tasks: list, workers: int, total: int, desc: str, weight, unit: str) -> list:
     """Run ``function`` over ``tasks`` in ``workers`` processes with a progress bar in units
-    of ``weight(task)``; the first failure ends the pool and is raised."""
+    of ``weight(task)``, counted in ``unit``; the first failure ends the pool and is raised."""
     from functools import partial
 
     from tqdm import tqdm
 
     results = []
-    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:
                 results.append(function(task))
@@ -438,9 +440,15 @@ def convert(src: Path, out: Path, shard_size: int = 1250, workers: int = 1, labe
     if done:
         print(f"{done} of {len(shards)} shards already finished; writing the other {len(todo)}", file=sys.stderr)
     _run_pool(
-        partial(write_shard, out), todo, workers, sum(len(s.samples) for s in todo), "convert", lambda s: len(s.samples)
+        partial(write_shard, out),
+        todo,
+        workers,
+        sum(len(s.samples) for s in todo),
+        "convert",
+        lambda s: len(s.samples),
+        "img",
     )
-    summary = {
+    summary: dict[str, Any] = {
         "label_base": label_base,
         "label_base_from": "converter",
         "num_classes": len(classes),
@@ -495,7 +503,7 @@ def index(root: Path, workers: int = 1) -> dict:
     """Write idx_files/ and dataset.json for the TFRecords in root/train and root/validation."""
     if not (root / "train").is_dir():
         raise UsageError(f"{root / 'train'}: no such directory (DIR needs train/ and validation/ TFRecord files)")
-    summary = {
+    summary: dict[str, Any] = {
         "label_base": None,
         "label_base_from": "lowest label",
         "num_classes": None,
@@ -509,7 +517,7 @@ def index(root: Path, workers: int = 1) -> dict:
             raise UsageError(f"{folder}: no TFRecord files")
         (root / "idx_files" / split).mkdir(parents=True, exist_ok=True)
         tasks = [(p, root / "idx_files" / split / p.name) for p in files]
-        results = _run_pool(index_file, tasks, workers, len(tasks), f"index {split}", lambda t: 1)
+        results = _run_pool(index_file, tasks, workers, len(tasks), f"index {split}", lambda t: 1, "file")
         lows = [lo for _, lo, _ in results if lo is not None]
         highs = [hi for _, _, hi in results if hi is not None]
         summary["splits"][split] = {

@@ -8,6 +8,7 @@ Horovod 0.28 cannot reduce or broadcast bfloat16 tensors, nor non-contiguous one
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -25,6 +26,10 @@ def _horovod():
 class HorovodGradients(Gradients):
     """Horovod's DistributedOptimizer counts backward passes itself and starts each
     parameter's allreduce from a hook during the last one."""
+
+    # horovod.torch's DistributedOptimizer: the wrapped optimizer's own class plus synchronize()
+    # and skip_synchronize(); Horovod has no types.
+    optimizer: Any
 
     def reduce(self) -> None:
         self.optimizer.synchronize()

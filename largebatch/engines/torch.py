@@ -24,6 +24,7 @@ import inspect
 import os
 import socket
 import subprocess
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,7 +74,7 @@ def _rendezvous() -> tuple[str, int, int, int, int]:
             int(env["SLURM_PROCID"]),
             size,
             int(env.get("SLURM_LOCALID", 0)),
-            int(env.get("SLURM_NTASKS_PER_NODE", size).split("(")[0]),
+            int(env.get("SLURM_NTASKS_PER_NODE", str(size)).split("(")[0]),
         )
     return f"tcp://127.0.0.1:{_free_port()}", 0, 1, 0, 1
 
@@ -96,6 +97,8 @@ def _compression_hook(state, bucket):
 class TorchGradients(Gradients):
     """DDP reduces during the backward pass of the last micro-batch; the others run under
     ``no_sync`` so that nothing is sent for them."""
+
+    module: DistributedDataParallel
 
     def backward(self, last: bool):
         return contextlib.nullcontext() if last else self.module.no_sync()
@@ -164,7 +167,7 @@ class TorchEngine(Engine):
         on_gpu = next(model.parameters()).is_cuda
         # Buffers are averaged at epoch ends (average_buffers), as under Horovod, not
         # broadcast from rank 0 before every forward pass (torch >= 2.15 renamed the switch).
-        no_buffer_sync = (
+        no_buffer_sync: dict[str, Any] = (
             {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
         )
         ddp = DistributedDataParallel(

@@ -125,7 +125,8 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
     template = _template(ns, launcher)
     train_args = _with_engine(list(train_args), ns.engine)
     run_dir = _check_training(train_args, ns.entry, cwd)
-    job_name = _word("--job-name", ns.job_name or f"lb-{run_dir.name}")
+    job_name = ns.job_name or f"lb-{run_dir.name}"
+    _word("--job-name", job_name)
     suffix = "sbatch" if ns.scheduler == "slurm" else "pbs"
     script = Path(os.path.abspath(cwd / ns.script)) if ns.script else run_dir / f"job.{suffix}"
     venv = Path(os.path.abspath(cwd / ns.venv))

@@ -67,11 +67,12 @@ def collect_state_dict(model, optimizer, engine) -> dict | None:
     return None if model_state is None else {"model": model_state, "optimizer": optimizer_state}
 
 
-def relocate_state_dict(model, optimizer, state: dict | None, engine) -> dict:
+def relocate_state_dict(model, optimizer, state: dict | None, engine) -> dict | None:
     """TorchShard's ``relocate_state_dict``: rank 0's dense ``{"model", "optimizer"}`` (None
     on the others) handed out so that each rank gets its own slices, ready for
     ``model.load_state_dict(out["model"])`` and ``optimizer.load_state_dict(out["optimizer"])``.
-    It works for any number of ranks, whatever number saved it. A collective."""
+    It works for any number of ranks, whatever number saved it; None on every rank when rank 0
+    passes None. A collective."""
     return broadcast_checkpoint(state, model, optimizer, engine)
 
 

@@ -10,6 +10,8 @@ handed out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -23,8 +25,9 @@ from .state import broadcast_checkpoint, dense_state
 class DenseClassifier:
     def __init__(self, engine, num_classes: int, label_smoothing: float):
         self.engine = engine
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.hits = topk_hits
+        self.criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # A sharded criterion counts its own hits, with the signature of ``topk_hits``.
+        self.hits: Callable[..., list[torch.Tensor]] = topk_hits
 
     def convert(self, model: nn.Module) -> nn.Module:
         return model
@@ -54,8 +57,8 @@ class ShardedClassifier(DenseClassifier):
 
     def __init__(self, engine, num_classes: int, label_smoothing: float, dim: int):
         self.engine, self.dim = engine, dim
-        self.criterion = ParallelCrossEntropyLoss(num_classes, engine, label_smoothing=label_smoothing)
-        self.hits = self.criterion.topk_hits
+        self.criterion = criterion = ParallelCrossEntropyLoss(num_classes, engine, label_smoothing=label_smoothing)
+        self.hits = criterion.topk_hits
 
     def convert(self, model):
         return convert_parallel_linear(model, self.dim, self.engine)

@@ -133,6 +133,7 @@ class ParallelLinear(nn.Module):
             (c0, c1), (f0, f1) = layer.class_range, layer.feature_range
             layer.weight.copy_(linear.weight[c0:c1] if dim == 1 else linear.weight[:, f0:f1])
             if linear.bias is not None:
+                assert layer.bias is not None  # built with bias=True
                 layer.bias.copy_(linear.bias[c0:c1])
         return layer
 

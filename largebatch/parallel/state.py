@@ -35,6 +35,7 @@ def _gather_to_root(tensor: torch.Tensor, shard: Shard, engine, name: str) -> to
 
 def _scatter_from_root(whole: torch.Tensor | None, shard: Shard, engine, name: str) -> torch.Tensor:
     if engine.is_main:
+        assert whole is not None, "rank 0 passes the dense tensor"
         rows = (whole if shard.axis == 0 else whole.t()).to(shard.param.dtype).contiguous()
     else:
         trailing = shard.param.shape[1:] if shard.axis == 0 else shard.param.t().shape[1:]
@@ -53,11 +54,13 @@ def dense_state(model: nn.Module, optimizer, engine) -> tuple[dict | None, dict 
     for name, shard in shards(model).items():
         whole = _gather_to_root(shard.param, shard, engine, name=f"mp.save.{name}")
         if engine.is_main:
+            assert model_state is not None
             model_state[name] = whole
         state = optimizer.state.get(shard.param, {})
         for key in sorted(k for k, v in state.items() if _is_slice(v, shard)):
             whole = _gather_to_root(state[key], shard, engine, name=f"mp.save.{name}.{key}")
             if engine.is_main:
+                assert optimizer_state is not None
                 i = index[id(shard.param)]
                 # A copy: state_dict() shares the per-parameter dicts with the live optimizer.
                 optimizer_state["state"][i] = {**optimizer_state["state"][i], key: whole}

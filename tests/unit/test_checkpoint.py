@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from largebatch import checkpoint
-from largebatch.checkpoint import CheckpointError, Checkpoints, CheckpointWriteError
+from largebatch.checkpoint import CheckpointError, CheckpointStore, CheckpointWriteError
 from largebatch.config import UsageError, parse_config
 from largebatch.files import atomic_write, clean_stale_temps, host
 from largebatch.runlock import RunDirInUse, RunLock
@@ -69,10 +69,10 @@ def corrupt_middle(path: Path, nbytes: int = 4096) -> None:
 
 
 def test_keep_last_k_and_mid_epoch_names(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, keep=2)
+    store = CheckpointStore(tmp_path, FORMAT, keep=2)
     assert store.name_for(3, 37, epoch_end=True) == "checkpoint-3.pth.tar"
     assert store.name_for(3, 37, epoch_end=False) == "checkpoint-3-step37.pth.tar"
-    assert Checkpoints(tmp_path, "ck-{epoch}-{step}.pt", 1).name_for(3, 37, False) == "ck-3-37.pt"
+    assert CheckpointStore(tmp_path, "ck-{epoch}-{step}.pt", 1).name_for(3, 37, False) == "ck-3-37.pt"
 
     store.save(state(1), epoch_end=True)
     store.save(state(1, step=15), epoch_end=False)
@@ -97,7 +97,7 @@ def test_same_run_check_refuses_another_experiment(tmp_path):
 
 
 def test_checksum_recorded_while_writing_matches_the_file(tmp_path):
-    path = Checkpoints(tmp_path, FORMAT, 3).save(state(1), epoch_end=True)
+    path = CheckpointStore(tmp_path, FORMAT, 3).save(state(1), epoch_end=True)
     entry = manifest(tmp_path)["entries"][path.name]
     data = path.read_bytes()
     assert entry["sha256"] == hashlib.sha256(data).hexdigest()
@@ -107,7 +107,7 @@ def test_checksum_recorded_while_writing_matches_the_file(tmp_path):
 
 
 def test_corrupted_newest_is_skipped_with_one_warning(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 3)
+    store = CheckpointStore(tmp_path, FORMAT, 3)
     store.save(state(1, numel=100_000), True)
     newest = store.save(state(2, numel=100_000), True)
     corrupt_middle(newest)
@@ -122,7 +122,7 @@ def test_corrupted_newest_is_skipped_with_one_warning(tmp_path):
 
 
 def test_explicit_damaged_path_is_refused_in_one_line(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 3)
+    store = CheckpointStore(tmp_path, FORMAT, 3)
     newest = store.save(state(1, numel=100_000), True)
     assert checkpoint.load(newest)["epoch"] == 1
     corrupt_middle(newest)
@@ -133,7 +133,7 @@ def test_explicit_damaged_path_is_refused_in_one_line(tmp_path):
 
 
 def test_truncated_checkpoint_listed_and_unlisted(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 3)
+    store = CheckpointStore(tmp_path, FORMAT, 3)
     store.save(state(1), True)
     newest = store.save(state(2), True)
     whole = newest.read_bytes()
@@ -179,14 +179,14 @@ def test_text_and_other_files_say_what_they_are_not(tmp_path):
 
 
 def test_only_damaged_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 3)
+    store = CheckpointStore(tmp_path, FORMAT, 3)
     only = store.save(state(1, numel=100_000), True)
     corrupt_middle(only)
     warnings = []
     with pytest.raises(CheckpointError, match=r"holds no usable checkpoint \(1 damaged\)"):
         store.load_newest(warn=warnings.append)
     assert len(warnings) == 1
-    assert Checkpoints(tmp_path / "empty", FORMAT, 3).load_newest() is None  # nothing there: a fresh start
+    assert CheckpointStore(tmp_path / "empty", FORMAT, 3).load_newest() is None  # nothing there: a fresh start
 
 
 def test_manifest_of_the_previous_version_still_loads(tmp_path):
@@ -194,7 +194,7 @@ def test_manifest_of_the_previous_version_still_loads(tmp_path):
     for epoch in (1, 2):
         torch.save(state(epoch), tmp_path / f"checkpoint-{epoch}.pth.tar")
     (tmp_path / checkpoint.MANIFEST).write_text(json.dumps({"files": ["checkpoint-1.pth.tar", "checkpoint-2.pth.tar"]}))
-    store = Checkpoints(tmp_path, FORMAT, 2)
+    store = CheckpointStore(tmp_path, FORMAT, 2)
     path, loaded = store.load_newest(warn=pytest.fail)
     assert path.name == "checkpoint-2.pth.tar" and loaded["epoch"] == 2
     assert checkpoint.load(tmp_path / "checkpoint-1.pth.tar")["epoch"] == 1
@@ -207,7 +207,7 @@ def test_manifest_of_the_previous_version_still_loads(tmp_path):
 
 
 def test_same_name_saved_twice_verifies(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 2)
+    store = CheckpointStore(tmp_path, FORMAT, 2)
     store.save(state(1), True)
     path = store.save(state(1), True)  # a stop at an epoch end saves that position again
     assert manifest(tmp_path)["files"] == ["checkpoint-1.pth.tar"]
@@ -219,7 +219,7 @@ def test_same_name_saved_twice_verifies(tmp_path):
 
 
 def test_non_finite_checkpoints_never_rotate_out_the_newest_finite_one(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, keep=1)
+    store = CheckpointStore(tmp_path, FORMAT, keep=1)
     store.save(state(1), True)
     assert checkpoint.all_finite(state(2, fill=float("nan"))) is False
     store.save(state(2, fill=float("nan")), True)
@@ -344,7 +344,7 @@ MiB = 2**20
 
 
 def test_full_disk_gives_one_line_and_keeps_the_previous_checkpoint(small_fs):
-    store = Checkpoints(small_fs, FORMAT, keep=1)
+    store = CheckpointStore(small_fs, FORMAT, keep=1)
     first = store.save(state(1, numel=MiB // 3), True)  # 2 MiB: a second one does not fit
     before = (small_fs / checkpoint.MANIFEST).read_bytes()
     with pytest.raises(CheckpointWriteError) as err:
@@ -367,7 +367,7 @@ def test_room_for_keep_checkpoints_is_enough(small_fs):
     # 1.1 MiB each on 3 MiB: keep 1 needs room for two, keep 2 too: what rotates out anyway goes first.
     numel = 192_000  # 1.1 MiB
     for keep in (1, 2):
-        store = Checkpoints(small_fs, FORMAT, keep=keep)
+        store = CheckpointStore(small_fs, FORMAT, keep=keep)
         for epoch in range(1, 5):
             store.save(state(epoch, numel=numel), True)
         assert manifest(small_fs)["files"] == [f"checkpoint-{e}.pth.tar" for e in range(5 - keep, 5)]
@@ -378,7 +378,7 @@ def test_room_for_keep_checkpoints_is_enough(small_fs):
 
 def test_file_size_limit_gives_one_line(tmp_path):
     # Runs without root: RLIMIT_FSIZE makes write() fail with EFBIG (Python ignores SIGXFSZ).
-    store = Checkpoints(tmp_path, FORMAT, keep=2)
+    store = CheckpointStore(tmp_path, FORMAT, keep=2)
     first = store.save(state(1), True)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (MiB, hard))

@@ -539,3 +539,61 @@ def test_norms_across_shards_decide_the_trust_ratio(optimizer, foreach):
     assert calls[0][1] == pytest.approx([w0.norm().item()])
     torch.testing.assert_close(opt.last_trust_ratios, torch.tensor([trust], dtype=torch.float64))
     torch.testing.assert_close(w.detach(), w0 - lr * trust * update)
+
+
+# --- copying lars.py and lamb.py ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["lars", "lamb"])
+def test_the_self_check_a_copy_takes_along(module, tmp_path):
+    """Copied alone into another directory (lamb.py with lars.py), ``python FILE`` checks itself."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for name in {"lars", module}:
+        shutil.copy(root / f"{name}.py", tmp_path)
+    proc = subprocess.run(
+        [sys.executable, f"{module}.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "paths equal" in proc.stdout
+
+
+def test_the_seed_readmes_usage_runs():
+    """The LARS trainer's README, "Usage", its call as written (no epsilon: the defaults fill in)."""
+    import torchvision
+
+    from lars import create_optimizer_lars
+
+    model = torchvision.models.resnet18()
+
+    class args:  # noqa: N801 (the README's argparse namespace)
+        base_lr, momentum, wd, bn_bias_separately = 5.657, 0.9, 1e-4, True
+
+    optimizer = create_optimizer_lars(
+        model=model,
+        lr=args.base_lr,
+        momentum=args.momentum,
+        weight_decay=args.wd,
+        bn_bias_separately=args.bn_bias_separately,
+    )
+    assert [g["lars_adaptation"] for g in optimizer.param_groups] == [True, False]
+    assert optimizer.defaults["epsilon"] == 1e-5
+
+
+def test_lamb_still_imports_from_lars():
+    import lamb
+    import lars
+    from lars import LAMB, create_optimizer_lamb
+
+    assert (LAMB, create_optimizer_lamb) == (lamb.LAMB, lamb.create_optimizer_lamb)
+    with pytest.raises(AttributeError):
+        lars.no_such_name  # noqa: B018

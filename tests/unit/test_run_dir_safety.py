@@ -13,7 +13,7 @@ import torch
 from test_checkpoint import FORMAT, manifest, state
 
 from largebatch import checkpoint
-from largebatch.checkpoint import CheckpointError, Checkpoints
+from largebatch.checkpoint import CheckpointError, CheckpointStore
 from largebatch.config import UsageError, parse_config
 from largebatch.files import atomic_write, temp_path
 from largebatch.runlock import RunLock
@@ -71,7 +71,7 @@ def test_a_rewritten_file_keeps_the_mode_the_user_set(tmp_path):
 
 
 def test_a_new_checkpoint_takes_the_mode_of_the_previous_one(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 3)
+    store = CheckpointStore(tmp_path, FORMAT, 3)
     first = store.save(state(1), True)
     first.chmod(0o600)
     assert stat.S_IMODE(store.save(state(2), True).stat().st_mode) == 0o600
@@ -85,7 +85,7 @@ def test_a_manifest_naming_files_outside_is_damaged_and_rebuilt(tmp_path):
     makes the manifest damaged, it is rebuilt from the run's own files, and nothing outside
     is touched."""
     run_dir = tmp_path / "run"
-    store = Checkpoints(run_dir, FORMAT, 1, warn=(said := []).append)
+    store = CheckpointStore(run_dir, FORMAT, 1, warn=(said := []).append)
     run_dir.mkdir()
     a, b = victim(tmp_path, "a"), victim(tmp_path, "b")
     (run_dir / checkpoint.MANIFEST).write_text(json.dumps({"files": ["../outside/a", str(b)]}))
@@ -102,7 +102,7 @@ def test_rotation_deletes_only_names_the_format_gives(tmp_path):
     notes = run_dir / "notes.txt"
     notes.write_text("mine")
     (run_dir / checkpoint.MANIFEST).write_text(json.dumps({"files": ["notes.txt"]}))
-    store = Checkpoints(run_dir, FORMAT, 1)
+    store = CheckpointStore(run_dir, FORMAT, 1)
     store.save(state(1), True)
     store.save(state(2), True)
     assert notes.read_text() == "mine"
@@ -118,12 +118,12 @@ def test_rotation_deletes_only_names_the_format_gives(tmp_path):
     ],
 )
 def test_the_formats_own_names(tmp_path, fmt, names, others):
-    store = Checkpoints(tmp_path, fmt, 1)
+    store = CheckpointStore(tmp_path, fmt, 1)
     assert all(store.is_ours(n) for n in names) and not any(store.is_ours(n) for n in others)
 
 
 def test_a_lost_manifest_is_rebuilt_from_the_verified_files(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 3, warn=(said := []).append)
+    store = CheckpointStore(tmp_path, FORMAT, 3, warn=(said := []).append)
     for epoch in (1, 2, 3):
         store.save(state(epoch, fill=float("nan") if epoch == 3 else None), True)
     before = manifest(tmp_path)
@@ -148,7 +148,7 @@ def test_a_lost_manifest_is_rebuilt_from_the_verified_files(tmp_path):
 
 
 def test_an_empty_run_directory_needs_no_manifest(tmp_path):
-    store = Checkpoints(tmp_path, FORMAT, 3, warn=pytest.fail)
+    store = CheckpointStore(tmp_path, FORMAT, 3, warn=pytest.fail)
     assert store.load_newest() is None and not (tmp_path / checkpoint.MANIFEST).exists()
 
 
@@ -158,7 +158,7 @@ def test_an_empty_run_directory_needs_no_manifest(tmp_path):
 def test_a_copied_checkpoint_with_bytes_moved_is_refused(tmp_path):
     """4 KiB of its own bytes moved within it: torch.load accepts it; the CRC-32s do not."""
     (tmp_path / "run").mkdir()
-    path = Checkpoints(tmp_path / "run", FORMAT, 1).save(state(1, numel=20000), True)
+    path = CheckpointStore(tmp_path / "run", FORMAT, 1).save(state(1, numel=20000), True)
     copy = tmp_path / "elsewhere.pth.tar"
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
@@ -223,6 +223,6 @@ def test_flags_that_escape_the_run_directory_or_cannot_compute_are_refused(flags
 
 def test_the_current_directory_prefix_still_names_a_file_in_the_run_directory(tmp_path):
     cfg = parse_config(["--synthetic", "--checkpoint-format", "./ck-{epoch}.pt"])
-    store = Checkpoints(tmp_path, cfg.run.checkpoint_format, 1)
+    store = CheckpointStore(tmp_path, cfg.run.checkpoint_format, 1)
     assert store.save(state(1), True) == tmp_path / "ck-1.pt"
     assert manifest(tmp_path)["files"] == ["ck-1.pt"]

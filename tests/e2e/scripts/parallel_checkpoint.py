@@ -1,9 +1,11 @@
 """Under mpirun (any number of ranks): a dense checkpoint, started from by the job's own
-factory and reader into a model whose classifier is split along dim 0 and then along dim 1,
+factory into a model whose classifier is split along dim 0 and then along dim 1,
 gives each rank exactly its slice of the classifier and of its momentum buffers;
 reassembling them (the state's gather, as the job saves) gives back the checkpoint bit for
-bit. The job's validation of the sharded model (ranks in lockstep, loss and top-k across
-the slices) equals that of the dense model with the same weights.
+bit. (The checkpoint is read directly: the job resumes training only on the process count
+that wrote it, but the re-sharding holds for any.) The job's validation of the sharded model
+(ranks in lockstep, loss and top-k across the slices) equals that of the dense model with the
+same weights.
 
     parallel_checkpoint.py CHECKPOINT LOG_DIR [job flags...]
 """
@@ -13,9 +15,10 @@ import sys
 import torch
 from script import emit, start_engine
 
+from largebatch import checkpoint
 from largebatch.config import parse_config
 from largebatch.data.folder import FolderInput
-from largebatch.job import build_state, read_checkpoint
+from largebatch.job import build_state
 from largebatch.parallel import shards
 from largebatch.train import evaluate
 
@@ -25,7 +28,7 @@ CPU = torch.device("cpu")
 def started(engine, flags: list[str], num_classes: int):
     cfg = parse_config(flags)
     state = build_state(cfg, engine, CPU, num_classes, steps_per_epoch=5)
-    state.start(read_checkpoint(cfg, engine))
+    state.start(checkpoint.load(cfg.run.resume) if engine.is_main else None)
     return cfg, state
 
 

@@ -9,7 +9,7 @@ import torch
 from script import emit
 
 from largebatch.config import parse_config
-from largebatch.job import build_state, checkpoints, read_checkpoint
+from largebatch.job import build_state, checkpoint_store, resume_checkpoint
 from largebatch.model import build_model
 
 CPU = torch.device("cpu")
@@ -65,7 +65,7 @@ def check(engine, log_dir: str):
     # fresh start
     cfg, state = build(engine, log_dir)
     rank0_before = engine.broadcast_object(snapshot(state.model), name="before")
-    state.start(read_checkpoint(cfg, engine))
+    state.start(resume_checkpoint(cfg, engine))
     assert same(snapshot(state.model), rank0_before), f"rank {engine.rank}: weights after start-up differ from rank 0's"
     assert not state.optimizer.state, "start-up created optimizer state"
     # resume: one step creates momentum buffers, the job's store writes the checkpoint
@@ -77,14 +77,14 @@ def check(engine, log_dir: str):
     checkpoint = state.state_dict()
     if engine.is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints(cfg).save(checkpoint, epoch_end=True)
+        checkpoint_store(cfg).save(checkpoint, epoch_end=True)
     # Weights are rank 0's; batch norm's running statistics are each rank's own, and a resume
     # at the same world size gives each rank its own back.
     saved = engine.broadcast_object(parameters(state.model), name="saved")
     own_buffers = buffers(state.model)
     engine.barrier()
     cfg, state = build(engine, log_dir)
-    state.start(read_checkpoint(cfg, engine))
+    state.start(resume_checkpoint(cfg, engine))
     assert (state.position.epoch, state.position.step) == (1, 5), state.position
     assert same(parameters(state.model), saved), f"rank {engine.rank}: resumed weights differ from the checkpoint's"
     assert same(buffers(state.model), own_buffers), f"rank {engine.rank}: resumed BN statistics are not its own"
