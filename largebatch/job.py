@@ -488,7 +488,8 @@ def checkpoint_to_resume(cfg: Config, world_size: int) -> dict | None:
         path = Path(cfg.run.resume)
         state = checkpoint.load(path)
     checkpoint.check_same_run(state, cfg, path)
-    checkpoint.check_world_size(state, world_size, path)
+    if state["epoch"] < cfg.schedule.epochs:  # a finished run says so on any number of processes
+        checkpoint.check_world_size(state, world_size, path)
     ignored = checkpoint.ignored_changes(state, cfg)
     if ignored:
         print(ignored, file=sys.stderr, flush=True)
