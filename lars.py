@@ -365,6 +365,7 @@ def create_optimizer_lars(
     epsilon: float = 1e-5,
     eta: float = 0.001,
     trust_clip: float | None = None,
+    nesterov: bool = False,
 ) -> LARS:
     """Build :class:`LARS` for ``model``'s trainable parameters. The defaults are the
     original Horovod + LARS trainer's (its --momentum, --wd, --epsilon), so its README's
@@ -384,6 +385,7 @@ def create_optimizer_lars(
         eta=eta,
         epsilon=epsilon,
         trust_clip=trust_clip,
+        nesterov=nesterov,
     )
 
 

@@ -227,6 +227,38 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class NormConfig:
+    """batch norm"""
+
+    sync_bn: bool = flag(
+        "--sync-bn", "--sync_bn", kind=SWITCH, default=False, help="batch norm statistics across all ranks (GPUs)"
+    )
+    zero_init_residual: bool = flag(
+        "--zero-init-residual",
+        action="store_true",
+        default=False,
+        help="the last batch norm weight of every residual block starts at 0, each block at the identity "
+        "(Goyal et al.; ResNets)",
+    )
+    ghost_bn: int = flag(
+        "--ghost-bn",
+        type=non_negative_int,
+        default=0,
+        metavar="G",
+        help="training batch norm statistics over virtual batches of G images within each micro-batch (Hoffer et "
+        "al.; 0: off)",
+    )
+    precise_bn: int = flag(
+        "--precise-bn",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="before each validation, re-estimate batch norm statistics over N training images with the current "
+        "weights (0: off; the running averages, averaged across ranks)",
+    )
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """optimizer"""
 
@@ -239,6 +271,7 @@ class OptimConfig:
     trust_clip: float | None = flag(
         "--trust-clip", type=positive_float, help="cap on the LARS/LAMB trust ratio (default: none)"
     )
+    nesterov: bool = flag("--nesterov", action="store_true", default=False, help="Nesterov momentum (SGD and LARS)")
     bn_bias_separately: bool = flag(
         "--bn-bias-separately",
         kind=SWITCH,
@@ -320,9 +353,6 @@ class NumericsConfig:
     )
     loss_scale: str | None = flag("--loss-scale", help="'dynamic' or a fixed number (fp16 levels only)")
     channels_last: bool = flag("--channels-last", kind=VALUE_BOOL, default=False, help="NHWC model and inputs")
-    sync_bn: bool = flag(
-        "--sync-bn", "--sync_bn", kind=SWITCH, default=False, help="batch norm statistics across all ranks (GPUs)"
-    )
     deterministic: bool = flag(
         "--deterministic",
         kind=SWITCH,
@@ -463,6 +493,21 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """validation"""
+
+    eval_every: int = flag(
+        "--eval-every", type=positive_int, default=1, metavar="N", help="validate every N epochs, and after the last"
+    )
+    target_top1: float | None = flag(
+        "--target-top1",
+        type=positive_float,
+        metavar="X",
+        help="end the run, with a checkpoint, at the first validation with top-1 of X%% or more (time to accuracy)",
+    )
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     """profiling"""
 
@@ -485,11 +530,13 @@ class Config:
     data: DataConfig
     dali: DaliConfig | None
     model: ModelConfig
+    norm: NormConfig
     optim: OptimConfig
     schedule: ScheduleConfig
     numerics: NumericsConfig
     dist: DistConfig
     run: RunConfig
+    validation: ValidationConfig
     profile: ProfileConfig
 
     def lr(self, world_size: int) -> float:
@@ -511,11 +558,13 @@ GROUPS: dict[str, type] = {
     "data": DataConfig,
     "dali": DaliConfig,
     "model": ModelConfig,
+    "norm": NormConfig,
     "optim": OptimConfig,
     "schedule": ScheduleConfig,
     "numerics": NumericsConfig,
     "dist": DistConfig,
     "run": RunConfig,
+    "validation": ValidationConfig,
     "profile": ProfileConfig,
 }
 
@@ -683,6 +732,7 @@ def _validate(cfg: Config) -> None:
         raise UsageError("--fp16-allreduce and --bf16-allreduce cannot be combined: pick one")
     if cfg.dist.use_adasum and cfg.dist.gradient_predivide_factor != 1.0:
         raise UsageError("--gradient-predivide-factor cannot be combined with --use-adasum")
+    _validate_large_batch(cfg)
     if cfg.optim.momentum >= 1:
         raise UsageError(f"--momentum must be below 1, got {cfg.optim.momentum:g}")
     if cfg.model.label_smoothing >= 1:
@@ -714,6 +764,37 @@ def _validate(cfg: Config) -> None:
                 f"use fp32, amp-bf16 or bf16"
             )
     _validate_model_name(cfg.model.model)
+
+
+def _validate_large_batch(cfg: Config) -> None:
+    norm, optim = cfg.norm, cfg.optim
+    if norm.zero_init_residual and cfg.model.pretrained:
+        raise UsageError("--zero-init-residual starts from fresh weights: drop it or --pretrained")
+    if norm.zero_init_residual and optim.base_op in ("lars", "lamb") and not optim.bn_bias_separately:
+        # A zero weight gets LARS's fallback trust ratio of 1: a raw step at the base rate, a
+        # thousand times its siblings' (eta 0.001). Apart, it steps as every normalisation weight.
+        raise UsageError(
+            f"--zero-init-residual with --base-op {optim.base_op} needs --bn-bias-separately: a zero-initialised "
+            f"weight gets a trust ratio of 1, a raw step at the base rate"
+        )
+    if norm.ghost_bn:
+        if norm.ghost_bn >= cfg.schedule.batch_size:
+            raise UsageError(
+                f"--ghost-bn {norm.ghost_bn} is not below --batch-size {cfg.schedule.batch_size}: it would change "
+                f"nothing (ghost batches are cut from each micro-batch)"
+            )
+        if norm.ghost_bn < 2:
+            raise UsageError("--ghost-bn G needs G of 2 or more: batch norm cannot normalise one image")
+        if norm.sync_bn:
+            raise UsageError("--ghost-bn and --sync-bn pull opposite ways (smaller and larger batches): pick one")
+    if optim.nesterov:
+        if optim.base_op == "lamb":
+            raise UsageError("--nesterov: LAMB has no momentum buffer to look ahead with (its moments are Adam's)")
+        if optim.momentum == 0:
+            raise UsageError("--nesterov needs a --momentum above 0")
+    target = cfg.validation.target_top1
+    if target is not None and target > 100:
+        raise UsageError(f"--target-top1 {target:g} is a top-1 accuracy in percent: at most 100")
 
 
 def _validate_model_name(name: str) -> None:

@@ -20,7 +20,7 @@ import lamb
 import lars
 import schedulers
 
-from . import checkpoint
+from . import batchnorm, checkpoint
 from .argparsing import UsageError
 from .config import Config
 from .data import Input
@@ -68,6 +68,12 @@ def run_with_engine(engine: Engine, cfg: Config, stop: StopRequest) -> int:
     data = state.classifier.input(data, cfg.data.image_size, device)
     torch.manual_seed(cfg.run.seed + engine.rank)  # ranks differ from here on (dropout, say); a resume restores it
     state.start(resume_checkpoint(cfg, engine))
+    if state.reached is not None:
+        console.print(
+            f"{cfg.run.log_dir} reached --target-top1 at epoch {state.reached['epoch']} (top1 "
+            f"{state.reached['top1']:.2f}); nothing to do (a new run needs a new --log-dir)"
+        )
+        return 0
     if state.position.epoch >= cfg.schedule.epochs:
         console.print(
             f"{cfg.run.log_dir} already finished its {cfg.schedule.epochs} epochs; nothing to do "
@@ -92,9 +98,10 @@ def run_with_engine(engine: Engine, cfg: Config, stop: StopRequest) -> int:
         # After a divergence, the checkpoint to go back to: the newest finite one.
         write_status(
             cfg.run.log_dir,
-            "failed" if result in EXIT_STATUS else result,
+            "failed" if result in EXIT_STATUS else "finished" if result == "target" else result,
             state.position,
             checkpoint_store(cfg).latest(finite_only=result == "diverged"),
+            reached=state.reached,
         )
         console.print(
             f"{result}: run directory {cfg.run.log_dir} (TensorBoard: tensorboard --logdir {cfg.run.log_dir})"
@@ -205,17 +212,19 @@ def build_state(
     )
     if model is None:
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model.model, num_classes)
+        model = build_model(cfg.model.model, num_classes, zero_init_residual=cfg.norm.zero_init_residual)
         check_input(
             model,
             cfg.model.model,
             cfg.data.image_size,
             cfg.schedule.batch_size,
-            shared_bn=cfg.numerics.sync_bn and engine.size > 1,
+            shared_bn=cfg.norm.sync_bn and engine.size > 1,
         )
     model = classifier.convert(model)  # before .to(device): the dense layer never reaches the GPU
-    if cfg.numerics.sync_bn:
+    if cfg.norm.sync_bn:
         model = engine.sync_batchnorm(model)
+    if cfg.norm.ghost_bn:
+        model = batchnorm.convert_ghost_batchnorm(model, cfg.norm.ghost_bn)
     precision = Precision(device, cfg.numerics.policy, cfg.numerics.channels_last)
     model = precision.prepare(model.to(device))
     gradients = engine.gradients(
@@ -315,7 +324,7 @@ def pick_device(cfg: Config, engine: Engine) -> torch.device:
             raise UsageError(
                 f"{policy.name} computes in fp16, which needs a GPU, but {why}; on CPU use --precision amp-bf16 or bf16"
             )
-        if cfg.numerics.sync_bn:
+        if cfg.norm.sync_bn:
             raise UsageError("--sync-bn needs GPUs (both engines' SyncBatchNorm runs on CUDA tensors only)")
         return torch.device("cpu")
     torch.cuda.set_device(engine.local_rank % torch.cuda.device_count())
@@ -431,6 +440,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opt
             epsilon=cfg.optim.epsilon,
             eta=cfg.optim.lars_eta,
             trust_clip=cfg.optim.trust_clip,
+            nesterov=cfg.optim.nesterov,
         )
     if cfg.optim.base_op == "lamb":
         return lamb.create_optimizer_lamb(
@@ -442,7 +452,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opt
             trust_clip=cfg.optim.trust_clip,
         )
     groups = lars.param_groups(model, cfg.optim.wd, cfg.optim.bn_bias_separately)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd)
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd, nesterov=cfg.optim.nesterov
+    )
 
 
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
@@ -488,7 +500,7 @@ def checkpoint_to_resume(cfg: Config, world_size: int) -> dict | None:
         path = Path(cfg.run.resume)
         state = checkpoint.load(path)
     checkpoint.check_same_run(state, cfg, path)
-    if state["epoch"] < cfg.schedule.epochs:  # a finished run says so on any number of processes
+    if state["epoch"] < cfg.schedule.epochs and not state.get("reached"):  # a finished run says so on any count
         checkpoint.check_world_size(state, world_size, path)
     ignored = checkpoint.ignored_changes(state, cfg)
     if ignored:
@@ -510,7 +522,10 @@ def refuse_restart(log_dir: Path) -> None:
         )
 
 
-def write_status(log_dir: Path, state: str, pos: Position, latest: Path | None) -> None:
-    """status.json tells job scripts whether to requeue: 'finished' ends a chain."""
+def write_status(log_dir: Path, state: str, pos: Position, latest: Path | None, reached: dict | None = None) -> None:
+    """status.json tells job scripts whether to requeue: 'finished' ends a chain (a run that
+    reached --target-top1 says so in ``target``)."""
     status = {"state": state, "epoch": pos.epoch, "step": pos.step, "checkpoint": str(latest) if latest else None}
+    if reached is not None:
+        status["target"] = reached
     atomic_write(log_dir / "status.json", lambda f: f.write((json.dumps(status) + "\n").encode()))

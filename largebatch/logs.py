@@ -65,10 +65,25 @@ class Console:
 
     # --- how the loop's epochs end -----------------------------------------------------------
 
-    def validated(self, epoch: int, epochs: int, val: dict) -> None:
-        self.end_epoch(
-            f"epoch {epoch + 1}/{epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
-            f"top5 {val['top5']:.2f} ({val['count']} images)"
+    def end_of_epoch(self, epoch: int, epochs: int, val: dict | None, notes: dict) -> None:
+        """The epoch's line: its validation (``val``, None on an epoch --eval-every skips) and
+        what the statistics before it cost (``notes``: --precise-bn's images and seconds)."""
+        if val is None:
+            line = f"epoch {epoch + 1}/{epochs}: checkpoint written (validated every --eval-every epochs)"
+        else:
+            line = (
+                f"epoch {epoch + 1}/{epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
+                f"top5 {val['top5']:.2f} ({val['count']} images)"
+            )
+        if "precise_bn/seconds" in notes:
+            images, seconds = notes["precise_bn/images"], notes["precise_bn/seconds"]
+            line += f"; batch norm re-estimated over {images:.0f} images in {seconds:.1f} s"
+        self.end_epoch(line)
+
+    def reached(self, target: float | None, reached: dict) -> None:
+        self.print(
+            f"reached --target-top1 {target:g}: top1 {reached['top1']:.2f} at epoch {reached['epoch']}, after "
+            f"{reached['seconds']:.1f} s of training; checkpoint written"
         )
 
     def stopped(self, reason: str | None, epoch: int, step: int | None) -> None:

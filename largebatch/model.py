@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from . import small_resnet
+from . import batchnorm, small_resnet
 from .argparsing import UsageError
 
 # Models whose training-mode output carries auxiliary heads; the job wants plain logits.
@@ -19,14 +19,19 @@ _NO_AUX = {
 }
 
 
-def build_model(name: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
+def build_model(
+    name: str, num_classes: int, pretrained: bool = False, zero_init_residual: bool = False
+) -> torch.nn.Module:
     if small_resnet.is_small_resnet(name):
         if pretrained:
             raise UsageError(f"--pretrained: there are no trained weights for {name}")
-        return small_resnet.build(name, num_classes)
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **_NO_AUX.get(name, {}))
+        model: torch.nn.Module = small_resnet.build(name, num_classes)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **_NO_AUX.get(name, {}))
     if pretrained:
         load_pretrained(model, name)
+    if zero_init_residual:
+        batchnorm.zero_init_residual(model, name)
     return model
 
 

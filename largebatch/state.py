@@ -12,12 +12,15 @@ else builds or takes apart a checkpoint dict. Its keys:
     rank_buffers       each rank's batch-norm running statistics, which differ between
                        the epoch-end averagings (exact mid-epoch resume needs them)
     world_size, engine, args, version
+    seconds            training time so far, over every job of the run (time to accuracy)
+    reached            {"epoch", "top1", "seconds"} once a validation reached --target-top1
 
 Only plain types and tensors go in, so it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,6 +53,14 @@ class TrainState:
     gradients: Gradients  # how this step's gradients are averaged
     args: dict = field(default_factory=dict)
     position: Position = field(default_factory=Position)
+    reached: dict | None = None  # the validation that reached --target-top1
+    _seconds_before: float = 0.0  # training time of the run's earlier jobs
+    _since: float = field(default_factory=time.monotonic)
+
+    @property
+    def seconds(self) -> float:
+        """Training time of the run so far, this job's since it started training included."""
+        return self._seconds_before + time.monotonic() - self._since
 
     @property
     def criterion(self) -> torch.nn.Module:
@@ -80,6 +91,8 @@ class TrainState:
             "engine": engine.name,
             "args": self.args,
             "version": VERSION,
+            "seconds": self.seconds,
+            "reached": self.reached,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -96,6 +109,8 @@ class TrainState:
             for name, value in state.get("rank_buffers", [{}] * size)[rank].items():
                 own[name].copy_(value)
         self.position = Position(state["epoch"], state["step"], state.get("epoch_step", 0))
+        self.reached = state.get("reached")
+        self._seconds_before, self._since = float(state.get("seconds", 0.0)), time.monotonic()
 
     def start(self, checkpoint: dict | None) -> None:
         """Every rank from rank 0's ``checkpoint`` (None elsewhere), or, without one, from
@@ -104,5 +119,6 @@ class TrainState:
         if state is None:
             self.engine.broadcast_model(self.model, exclude=self.classifier.owned(self.model))
             self.position = Position()
+            self._since = time.monotonic()
         else:
             self.load_state_dict(state)

@@ -8,12 +8,14 @@ globals and asks no engine- or feature-specific questions.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
+from . import batchnorm
 from .logs import Throughput
 from .metrics import Meter
 from .model import has_batchnorm
@@ -41,8 +43,9 @@ class Hooks:
 def train(state: TrainState, data: Input, cfg: Config, hooks: Hooks) -> str:
     """Train from ``state.position`` to ``cfg.schedule.epochs``. Returns "finished"; "stopped" after a
     stop request (a signal), once a checkpoint is written; "profiled" once --prof's steps are
-    recorded; "diverged" when more than --max-nonfinite-steps steps had a non-finite loss; or
-    "unreadable" when an epoch trained on less than half the images it read.
+    recorded; "diverged" when more than --max-nonfinite-steps steps had a non-finite loss;
+    "unreadable" when an epoch trained on less than half the images it read; or "target" once a
+    validation reached --target-top1 (its epoch's checkpoint written).
     ``state.position`` tells where it ended."""
     n_micro = cfg.schedule.batches_per_allreduce
     steps_per_epoch = data.batches_per_epoch // n_micro
@@ -51,6 +54,8 @@ def train(state: TrainState, data: Input, cfg: Config, hooks: Hooks) -> str:
     nonfinite_steps = 0
     device = next(state.model.parameters()).device
     too_small = SmallBatches(2 if has_batchnorm(state.model) else 1, cfg.data.image_size, device)
+    bn_statistics = batchnorm.statistics(cfg, engine.size)
+    target = cfg.validation.target_top1
     for epoch in range(pos.epoch, cfg.schedule.epochs):
         state.model.train()
         meter, speed = Meter(device, state.classifier.hits), Throughput()
@@ -85,16 +90,29 @@ def train(state: TrainState, data: Input, cfg: Config, hooks: Hooks) -> str:
         if images.starved():  # such an epoch is neither validated nor saved
             console.starved(epoch, images.trained, images.expected)
             return "unreadable"
-        engine.average_buffers(state.model)  # one set of BN statistics for validation and the checkpoint
-        val = evaluate(state, data.val())
-        hooks.board.scalars(pos.step, {**{f"val/{k}": val[k] for k in ("loss", "top1", "top5")}, "epoch": epoch + 1})
+        validating = (epoch + 1) % cfg.validation.eval_every == 0 or epoch + 1 == cfg.schedule.epochs
+        # One set of BN statistics for validation and the checkpoint (re-estimated with --precise-bn).
+        notes = bn_statistics.settle(state, partial(_skipped, too_small, data.train, epoch), validating)
+        val = evaluate(state, data.val()) if validating else None
         pos.epoch, pos.epoch_step = epoch + 1, 0
+        if val is not None and target is not None and val["top1"] >= target:
+            state.reached = {"epoch": epoch + 1, "top1": val["top1"], "seconds": state.seconds}
         hooks.save(state, True)
-        console.validated(epoch, cfg.schedule.epochs, val)
+        if val is not None:
+            hooks.board.scalars(pos.step, {**{f"val/{k}": val[k] for k in ("loss", "top1", "top5")}, **notes})
+        console.end_of_epoch(epoch, cfg.schedule.epochs, val, notes)
+        if state.reached is not None:
+            hooks.board.scalars(pos.step, {"val/seconds_to_target": state.reached["seconds"]})
+            console.reached(target, state.reached)
+            return "target"
         if hooks.stop.agreed(engine):  # a signal during validation or the epoch's checkpoint
             console.stopped(hooks.stop.reason, epoch, None)
             return "stopped"
     return "finished"
+
+
+def _skipped(too_small: SmallBatches, train: Callable[[int], Iterator[Batch]], epoch: int) -> Iterator[Batch]:
+    return too_small.skipped(train(epoch))
 
 
 @dataclass

@@ -131,7 +131,7 @@ def test_apex_flags_and_appended_test_flags():
     assert (o.model, o.batch_size, cfg.data.workers, o.epochs, o.momentum, o.wd) == ("resnet18", 64, 2, 3, 0.8, 3e-4)
     assert cfg.lr(4) == pytest.approx(0.2 * 64 * 4 / 256)
     assert (cfg.run.print_freq, cfg.run.evaluate, o.pretrained) == (5, True, True)
-    assert cfg.numerics.deterministic and cfg.numerics.sync_bn and not cfg.numerics.channels_last
+    assert cfg.numerics.deterministic and cfg.norm.sync_bn and not cfg.numerics.channels_last
     assert cfg.data.image_size == 16 and str(cfg.data.train_dir) == "/data/train"
     # Apex's --channels-last True, and our bare flag
     assert parse_config(["--synthetic", "--channels-last", "True"]).numerics.channels_last

@@ -1,0 +1,93 @@
+"""The large-batch techniques of issue 19 in real 2-process jobs on both engines: zero-init
+residuals, Nesterov LARS, ghost batch norm, PreciseBN and an evaluation cadence together, stopped
+and resumed, end bit for bit where the uninterrupted run ends; --target-top1 ends the run at the
+first validation that reaches it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from helpers import job_args, latest_checkpoint, run_and_signal, run_in_process, run_job
+
+pytestmark = pytest.mark.mpi
+
+# cifar_resnet8 has residual blocks (zero-init needs them); batches of 16 in ghost batches of 8;
+# 3 epochs of 10 steps, validated after epochs 2 and 3, each time after re-estimating batch norm
+# over 64 training images.
+ALL = (
+    "--model",
+    "cifar_resnet8",
+    "--zero-init-residual",
+    "--nesterov",
+    "--ghost-bn",
+    "8",
+    "--precise-bn",
+    "64",
+    "--eval-every",
+    "2",
+    "--epochs",
+    "3",
+    "--seed",
+    "7",
+    "--checkpoint-every",
+    "5",
+)
+
+
+def validations(stdout: str) -> dict[int, float]:
+    return {int(e): float(t) for e, t in re.findall(r"epoch (\d+)/\d+: val loss [\d.]+ top1 ([\d.]+)", stdout)}
+
+
+@pytest.fixture(scope="module")
+def straight(digits, tmp_path_factory):
+    """The uninterrupted run of ALL on each engine, with what it printed."""
+    made = {}
+
+    def get(engine: str):
+        if engine not in made:
+            run_dir = tmp_path_factory.mktemp(f"all_{engine}") / "run"
+            proc = run_job(job_args(digits, run_dir, *ALL, "--engine", engine))
+            made[engine] = run_dir, proc.stdout
+        return made[engine]
+
+    return get
+
+
+def test_all_techniques_stopped_and_resumed_equal_the_uninterrupted_run(straight, digits, tmp_path, engine):
+    reference, stdout = straight(engine)
+    assert sorted(validations(stdout)) == [2, 3]
+    assert "epoch 1/3: checkpoint written (validated every --eval-every epochs)" in stdout
+    assert len(re.findall(r"batch norm re-estimated over 64 images in [\d.]+ s", stdout)) == 2, stdout[-3000:]
+    interrupted = tmp_path / "run"
+    args = job_args(digits, interrupted, *ALL, "--engine", engine)
+    run_and_signal(args, when="epoch 1/3 step 4/", marker=str(interrupted))
+    resumed = run_job(args)
+    assert "resuming from" in resumed.stdout
+    assert validations(resumed.stdout) == validations(stdout)
+    a, b = latest_checkpoint(reference), latest_checkpoint(interrupted)
+    assert a["step"] == b["step"] == 30
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"{name} differs after interrupt + resume"
+    for pid, buf in a["optimizer"]["state"].items():
+        assert torch.equal(buf["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+
+
+def test_target_top1_ends_the_run_at_the_first_validation_that_reaches_it(straight, digits, tmp_path, engine):
+    _, stdout = straight(engine)
+    target = validations(stdout)[2]  # the first validation's top-1: the run must end there
+    run_dir = tmp_path / "run"
+    proc = run_job(job_args(digits, run_dir, *ALL, "--engine", engine, "--target-top1", f"{target:.2f}"))
+    assert re.search(
+        rf"reached --target-top1 {target:g}: top1 {target:.2f} at epoch 2, after [\d.]+ s of training", proc.stdout
+    ), proc.stdout[-2000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["epoch"], status["target"]["epoch"]) == ("finished", 2, 2)
+    assert status["target"]["seconds"] > 0
+    assert latest_checkpoint(run_dir)["reached"]["top1"] == pytest.approx(target)
+    assert "epoch 3/3" not in proc.stdout
+    again = run_in_process(job_args(digits, run_dir, *ALL, "--target-top1", f"{target:.2f}"))
+    assert again.returncode == 0 and "reached --target-top1 at epoch 2" in again.stdout, again.stdout[-2000:]
