@@ -122,6 +122,13 @@ class BatchNormStatistics:
         state.engine.average_buffers(state.model)
         return {}
 
+    def settle_average(self, state: TrainState, module: nn.Module, batches: Callable[[], Iterator[Batch]]) -> None:
+        """Statistics for ``module``, the weights' average, before its validation: the
+        training model's, just settled."""
+        with torch.no_grad():
+            for own, trained in zip(module.buffers(), state.model.buffers()):
+                own.copy_(trained)
+
 
 class PreciseBatchNorm(BatchNormStatistics):
     """--precise-bn N: before each validation, re-estimated over ``num_batches`` training
@@ -134,26 +141,35 @@ class PreciseBatchNorm(BatchNormStatistics):
         if not validating:
             return super().settle(state, batches, validating)
         started = time.perf_counter()
-        opened = batches()
-        try:
-            used = recompute(state, opened, self.num_batches)
-        finally:
-            close = getattr(opened, "close", None)  # ends the loader's workers
-            if close is not None:
-                close()
+        used = self._recompute(state, state.model, batches)
         super().settle(state, batches, validating)
         images = state.engine.allreduce_sum(torch.tensor([float(used)]), name="precise_bn_images").item()
         return {"precise_bn/images": images, "precise_bn/seconds": time.perf_counter() - started}
 
+    def settle_average(self, state: TrainState, module: nn.Module, batches: Callable[[], Iterator[Batch]]) -> None:
+        """The average's own statistics, re-estimated with its weights over the same images."""
+        self._recompute(state, module, batches)
+        state.engine.average_buffers(module)
+
+    def _recompute(self, state: TrainState, model: nn.Module, batches: Callable[[], Iterator[Batch]]) -> int:
+        opened = batches()
+        try:
+            return recompute(state, opened, self.num_batches, model)
+        finally:
+            close = getattr(opened, "close", None)  # ends the loader's workers
+            if close is not None:
+                close()
+
 
 @torch.no_grad()
-def recompute(state: TrainState, batches: Iterable[Batch], num_batches: int) -> int:
+def recompute(state: TrainState, batches: Iterable[Batch], num_batches: int, model: nn.Module | None = None) -> int:
     """Set every batch norm layer's running mean and variance to the mean, over the first
     ``num_batches`` batches of ``batches``, of each batch's own statistics under the current
     weights; returns the images used. Each batch is a forward pass, an empty one (no readable
     image) too, so every rank runs the same number (layers that synchronise, SyncBatchNorm,
-    stay in step); an empty one adds nothing to the averages."""
-    model = state.model
+    stay in step); an empty one adds nothing to the averages. ``model``: another than
+    ``state.model`` (the weights' average), run with the same precision."""
+    model = state.model if model is None else model
     layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not layers:
         return 0

@@ -496,6 +496,24 @@ class RunConfig:
 class ValidationConfig:
     """validation"""
 
+    model_ema: float = flag(
+        "--model-ema",
+        type=non_negative_float,
+        default=0.0,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights, validated beside them (val_ema/*); DECAY per 256 "
+        "training images, so its horizon in images does not change with the global batch (0: off)",
+    )
+    model_ema_steps: int = flag(
+        "--model-ema-steps",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="update the average every K optimizer steps (its decay then counts K steps' images)",
+    )
+    evaluate_ema: bool = flag(
+        "--evaluate-ema", action="store_true", default=False, help="with --evaluate: the checkpoint's average"
+    )
     eval_every: int = flag(
         "--eval-every", type=positive_int, default=1, metavar="N", help="validate every N epochs, and after the last"
     )
@@ -792,6 +810,10 @@ def _validate_large_batch(cfg: Config) -> None:
             raise UsageError("--nesterov: LAMB has no momentum buffer to look ahead with (its moments are Adam's)")
         if optim.momentum == 0:
             raise UsageError("--nesterov needs a --momentum above 0")
+    if not cfg.validation.model_ema < 1:
+        raise UsageError(f"--model-ema {cfg.validation.model_ema:g} must be below 1 (a decay; 0: off)")
+    if cfg.validation.evaluate_ema and not cfg.run.evaluate:
+        raise UsageError("--evaluate-ema goes with --evaluate")
     target = cfg.validation.target_top1
     if target is not None and target > 100:
         raise UsageError(f"--target-top1 {target:g} is a top-1 accuracy in percent: at most 100")

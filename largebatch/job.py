@@ -24,6 +24,7 @@ from . import batchnorm, checkpoint
 from .argparsing import UsageError
 from .config import Config
 from .data import Input
+from .ema import model_ema
 from .engines import Engine, choose, init_engine, launcher_rank
 from .files import atomic_write, clean_stale_temps, create_new
 from .logs import Board, Console
@@ -135,7 +136,8 @@ def run_evaluation(cfg: Config, engine: Engine, device: torch.device) -> int:
         source = f"torchvision's pretrained {cfg.model.model}"
     else:
         state.model.load_state_dict(weights["model"])
-        named = f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})" if path and ckpt else None
+        which = "the weights' average of " if cfg.validation.evaluate_ema else ""
+        named = f"{which}{path} (epoch {ckpt['epoch']}, step {ckpt['step']})" if path and ckpt else None
         source = str(engine.broadcast_object(named, name="evaluate_source"))
     val = evaluate(state, state.classifier.input(data, cfg.data.image_size, device).val())
     console.print(
@@ -171,6 +173,10 @@ def weights_to_evaluate(cfg: Config, num_classes: int) -> tuple[Path, dict] | No
             raise UsageError(
                 f"--evaluate: {path} holds a {key.replace('_', ' ')} {saved[key]} model, this command line builds {now}"
             )
+    if cfg.validation.evaluate_ema:
+        if state.get("ema") is None:
+            raise UsageError(f"--evaluate-ema: {path} holds no average of the weights (its run had no --model-ema)")
+        state["model"] = state["ema"]  # the average is what gets validated
     return found
 
 
@@ -240,6 +246,8 @@ def build_state(
     classifier.attach(optimizer, model)
     if cfg.numerics.compile:
         compile_forward(gradients, cfg.numerics.compile)
+    global_batch = cfg.schedule.batch_size * cfg.schedule.batches_per_allreduce * engine.size
+    average = model_ema(model, cfg.validation.model_ema, cfg.validation.model_ema_steps, global_batch, precision)
     return TrainState(
         engine,
         model,
@@ -249,6 +257,7 @@ def build_state(
         classifier,
         gradients,
         args=cfg.to_dict(),
+        ema=average,
     )
 
 

@@ -65,9 +65,10 @@ class Console:
 
     # --- how the loop's epochs end -----------------------------------------------------------
 
-    def end_of_epoch(self, epoch: int, epochs: int, val: dict | None, notes: dict) -> None:
-        """The epoch's line: its validation (``val``, None on an epoch --eval-every skips) and
-        what the statistics before it cost (``notes``: --precise-bn's images and seconds)."""
+    def end_of_epoch(self, epoch: int, epochs: int, val: dict | None, notes: dict, ema: dict | None = None) -> None:
+        """The epoch's line: its validation (``val``, None on an epoch --eval-every skips), the
+        weights' average's (``ema``), and what the statistics before them cost (``notes``:
+        --precise-bn's images and seconds)."""
         if val is None:
             line = f"epoch {epoch + 1}/{epochs}: checkpoint written (validated every --eval-every epochs)"
         else:
@@ -75,6 +76,8 @@ class Console:
                 f"epoch {epoch + 1}/{epochs}: val loss {val['loss']:.4f} top1 {val['top1']:.2f} "
                 f"top5 {val['top5']:.2f} ({val['count']} images)"
             )
+        if ema is not None:
+            line += f"; EMA val loss {ema['loss']:.4f} top1 {ema['top1']:.2f} top5 {ema['top5']:.2f}"
         if "precise_bn/seconds" in notes:
             images, seconds = notes["precise_bn/images"], notes["precise_bn/seconds"]
             line += f"; batch norm re-estimated over {images:.0f} images in {seconds:.1f} s"

@@ -174,6 +174,12 @@ class Precision:
                         b.data = b.data.to(dtype)
         return model
 
+    def track_copy(self, original: torch.nn.Module, copy: torch.nn.Module) -> None:
+        """A copy of the prepared model (the weights' average) runs forward as the original."""
+        for p, q in zip(original.parameters(), copy.parameters()):
+            if id(p) in self._cast:
+                self._cast.add(id(q))
+
     def forward(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -14,6 +14,7 @@ else builds or takes apart a checkpoint dict. Its keys:
     world_size, engine, args, version
     seconds            training time so far, over every job of the run (time to accuracy)
     reached            {"epoch", "top1", "seconds"} once a validation reached --target-top1
+    ema                the weights' moving average (--model-ema; dense layout), or None
 
 Only plain types and tensors go in, so it loads with ``torch.load(weights_only=True)``.
 """
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+
+from .ema import NoEma
 
 if TYPE_CHECKING:
     from .engines import Engine, Gradients
@@ -53,6 +56,7 @@ class TrainState:
     gradients: Gradients  # how this step's gradients are averaged
     args: dict = field(default_factory=dict)
     position: Position = field(default_factory=Position)
+    ema: NoEma = field(default_factory=NoEma)  # --model-ema: ModelEma
     reached: dict | None = None  # the validation that reached --target-top1
     _seconds_before: float = 0.0  # training time of the run's earlier jobs
     _since: float = field(default_factory=time.monotonic)
@@ -74,6 +78,7 @@ class TrainState:
             {k: v.cpu() for k, v in self.model.named_buffers() if v.is_floating_point()}, name="buffers"
         )
         model_state, optimizer_state = self.classifier.gather_state(self.model, self.optimizer)
+        ema_state = self.ema.gather(self.classifier, self.optimizer)
         if not engine.is_main:
             return None
         pos = self.position
@@ -93,6 +98,7 @@ class TrainState:
             "version": VERSION,
             "seconds": self.seconds,
             "reached": self.reached,
+            "ema": ema_state,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -115,6 +121,8 @@ class TrainState:
     def start(self, checkpoint: dict | None) -> None:
         """Every rank from rank 0's ``checkpoint`` (None elsewhere), or, without one, from
         rank 0's initial weights. A collective."""
+        # The average goes out slice by slice on its own, not whole with the rest.
+        saved_ema = checkpoint.pop("ema", None) if checkpoint is not None else None
         state = self.classifier.scatter_state(checkpoint, self.model, self.optimizer)
         if state is None:
             self.engine.broadcast_model(self.model, exclude=self.classifier.owned(self.model))
@@ -122,3 +130,4 @@ class TrainState:
             self._since = time.monotonic()
         else:
             self.load_state_dict(state)
+        self.ema.load(saved_ema, self.classifier, self.model, self.optimizer)

@@ -67,6 +67,7 @@ def train(state: TrainState, data: Input, cfg: Config, hooks: Hooks) -> str:
             lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on after it
             train_step(state, micro_batches, meter)
             pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
+            state.ema.update(state.model, pos.step)
             if hooks.profiler.step():
                 return "profiled"
             if pos.epoch_step % cfg.run.print_freq == 0 or pos.epoch_step == steps_per_epoch:
@@ -92,15 +93,23 @@ def train(state: TrainState, data: Input, cfg: Config, hooks: Hooks) -> str:
             return "unreadable"
         validating = (epoch + 1) % cfg.validation.eval_every == 0 or epoch + 1 == cfg.schedule.epochs
         # One set of BN statistics for validation and the checkpoint (re-estimated with --precise-bn).
-        notes = bn_statistics.settle(state, partial(_skipped, too_small, data.train, epoch), validating)
-        val = evaluate(state, data.val()) if validating else None
+        training_batches = partial(_skipped, too_small, data.train, epoch)
+        notes = bn_statistics.settle(state, training_batches, validating)
+        val = ema_val = None
+        if validating:
+            val = evaluate(state, data.val())
+            ema_val = state.ema.validate(
+                state, bn_statistics, training_batches, lambda m: evaluate(state, data.val(), m)
+            )
         pos.epoch, pos.epoch_step = epoch + 1, 0
         if val is not None and target is not None and val["top1"] >= target:
             state.reached = {"epoch": epoch + 1, "top1": val["top1"], "seconds": state.seconds}
         hooks.save(state, True)
         if val is not None:
             hooks.board.scalars(pos.step, {**{f"val/{k}": val[k] for k in ("loss", "top1", "top5")}, **notes})
-        console.end_of_epoch(epoch, cfg.schedule.epochs, val, notes)
+        if ema_val is not None:
+            hooks.board.scalars(pos.step, {f"val_ema/{k}": ema_val[k] for k in ("loss", "top1", "top5")})
+        console.end_of_epoch(epoch, cfg.schedule.epochs, val, notes, ema_val)
         if state.reached is not None:
             hooks.board.scalars(pos.step, {"val/seconds_to_target": state.reached["seconds"]})
             console.reached(target, state.reached)
@@ -224,10 +233,10 @@ def report(state: TrainState, meter: Meter, speed: Throughput, hooks: Hooks, lr:
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, batches: Iterable[Batch]) -> dict:
+def evaluate(state: TrainState, batches: Iterable[Batch], model: torch.nn.Module | None = None) -> dict:
     """Loss and top-1/top-5 over every validation image once; rank-summed, so it equals a
-    single-process evaluation."""
-    model = state.model
+    single-process evaluation. ``model``: other weights than ``state.model`` (their average)."""
+    model = state.model if model is None else model
     model.eval()
     meter = Meter(next(model.parameters()).device, state.classifier.hits)
     for images, labels in batches:

@@ -191,3 +191,43 @@ def test_evaluation_cadence_and_target_flags():
         parse_config(["--synthetic", "--batch-size", "16", "--ghost-bn", "16"])
     with pytest.raises(UsageError, match="--ghost-bn and --sync-bn"):
         parse_config(["--synthetic", "--batch-size", "32", "--ghost-bn", "16", "--sync-bn"])
+
+
+# --- the weights' moving average --------------------------------------------------------------------------
+
+
+def test_the_averages_horizon_in_images_does_not_change_with_the_global_batch():
+    from largebatch.ema import decay_per_update
+
+    assert decay_per_update(0.999, 256, 1) == pytest.approx(0.999)
+    assert decay_per_update(0.999, 512, 1) == pytest.approx(0.999**2)
+    assert decay_per_update(0.999, 64, 2) == pytest.approx(0.999**0.5)
+    # after 102,400 images, whatever the batch: the same weight left on the start
+    for batch, every in ((32, 1), (256, 1), (1024, 4)):
+        updates = 102_400 // (batch * every)
+        assert decay_per_update(0.999, batch, every) ** updates == pytest.approx(0.999**400)
+
+
+def test_the_average_moves_every_k_steps_by_its_decay():
+    from largebatch.ema import ModelEma
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    ema = ModelEma(model, decay=0.9, every=2, precision=Precision(torch.device("cpu")))
+    start = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=1)  # not a multiple of 2: unchanged
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), start))
+    ema.update(model, step=2)
+    for a, s, w in zip(ema.module.parameters(), start, model.parameters()):
+        torch.testing.assert_close(a, 0.9 * s + 0.1 * w.detach(), rtol=0, atol=1e-15)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_flags():
+    with pytest.raises(UsageError, match="--model-ema 1 must be below 1"):
+        parse_config(["--synthetic", "--model-ema", "1"])
+    with pytest.raises(UsageError, match="--evaluate-ema goes with --evaluate"):
+        parse_config(["--synthetic", "--evaluate-ema"])
