@@ -102,16 +102,17 @@ def train(state: TrainState, data: Input, cfg: Config, hooks: Hooks) -> str:
                 state, bn_statistics, training_batches, lambda m: evaluate(state, data.val(), m)
             )
         pos.epoch, pos.epoch_step = epoch + 1, 0
+        scalars = {"epoch": epoch + 1, **notes}
+        for prefix, result in (("val", val), ("val_ema", ema_val)):
+            if result is not None:
+                scalars.update({f"{prefix}/{k}": result[k] for k in ("loss", "top1", "top5")})
         if val is not None and target is not None and val["top1"] >= target:
             state.reached = {"epoch": epoch + 1, "top1": val["top1"], "seconds": state.seconds}
+            scalars["val/seconds_to_target"] = state.reached["seconds"]
+        hooks.board.scalars(pos.step, scalars)  # before the save, which flushes them with the checkpoint
         hooks.save(state, True)
-        if val is not None:
-            hooks.board.scalars(pos.step, {**{f"val/{k}": val[k] for k in ("loss", "top1", "top5")}, **notes})
-        if ema_val is not None:
-            hooks.board.scalars(pos.step, {f"val_ema/{k}": ema_val[k] for k in ("loss", "top1", "top5")})
         console.end_of_epoch(epoch, cfg.schedule.epochs, val, notes, ema_val)
         if state.reached is not None:
-            hooks.board.scalars(pos.step, {"val/seconds_to_target": state.reached["seconds"]})
             console.reached(target, state.reached)
             return "target"
         if hooks.stop.agreed(engine):  # a signal during validation or the epoch's checkpoint

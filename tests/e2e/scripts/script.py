@@ -3,6 +3,7 @@
 object per line on stdout, which the tests parse (tests/helpers.py: ``results``). Under
 checks.py, which runs several scripts' checks in one job, each line also names its check."""
 
+import atexit
 import json
 import os
 
@@ -12,7 +13,12 @@ current: dict = {}  # {"script": NAME, "arg": ARG} while checks.py runs that che
 
 
 def start_engine():
-    return init_engine(os.environ.get("LARGEBATCH_TEST_ENGINE", "horovod"))
+    engine = init_engine(os.environ.get("LARGEBATCH_TEST_ENGINE", "horovod"))
+    # Closed before the interpreter exits, as the job closes its own: a Gloo process group left
+    # to the exit can abort the finished script (exit 134, "terminate called without an active
+    # exception").
+    atexit.register(engine.close)
+    return engine
 
 
 def emit(**fields) -> None:
