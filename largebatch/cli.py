@@ -45,6 +45,11 @@ def _main(entry: str, argv: list[str] | None) -> int:
     prog = "pytorch_imagenet_resnet_dali.py" if entry == "dali" else "pytorch_imagenet_resnet.py"
     try:
         cfg = parse_config(argv, entry)
+        if cfg.run.print_config:
+            from .config_file import dump
+
+            print(dump(cfg.to_dict()), end="", flush=True)
+            return 0
         from .job import run  # torch/horovod import after the flags are known to be good
 
         return run(cfg, stop)

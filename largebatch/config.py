@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import legacy_flags
+from . import config_file, legacy_flags
 from .argparsing import Parser, UsageError, non_negative_float, non_negative_int, positive_float, positive_int
 
 if TYPE_CHECKING:
@@ -483,6 +483,14 @@ class RunConfig:
     print_freq: int = flag(
         "--print-freq", "-p", type=positive_int, default=10, help="optimizer steps between log updates"
     )
+    config: str | None = flag(
+        "--config",
+        metavar="FILE.yaml",
+        help="flags from a YAML file (flag names to values; the command line's flags win), e.g. a run's args.yaml",
+    )
+    print_config: bool = flag(
+        "--print-config", action="store_true", default=False, help="print the resolved configuration as YAML and exit"
+    )
     progress: str = flag(
         "--progress",
         choices=["auto", "bar", "lines"],
@@ -681,8 +689,17 @@ def parse_config(argv: list[str] | None, entry: str = "folder") -> Config:
     if entry not in ENTRIES:
         raise ValueError(f"entry must be one of {ENTRIES}, not {entry!r}")
     argv = sys.argv[1:] if argv is None else list(argv)
+    config_path, argv = config_file.split_config(argv)
     parser = build_parser(entry)
+    if config_path is not None:
+        from_file = config_file.to_arguments(config_path, config_file.load(config_path), parser)
+        try:
+            parser.parse_args(from_file)  # the file's values alone first: a bad one names the file
+        except UsageError as e:
+            raise UsageError(f"--config {config_path}: {e}") from None
+        argv = from_file + argv
     values = vars(parser.parse_args(argv))
+    values["config"] = str(config_path) if config_path is not None else None
     legacy_flags.apply(values, _given(parser, argv), entry)
     values.pop("ignored_local_rank")
     if values["lr_power"] is None:

@@ -20,7 +20,7 @@ import lamb
 import lars
 import schedulers
 
-from . import batchnorm, checkpoint
+from . import batchnorm, checkpoint, config_file
 from .argparsing import UsageError
 from .config import Config
 from .data import Input
@@ -57,6 +57,8 @@ def run_with_engine(engine: Engine, cfg: Config, stop: StopRequest) -> int:
     if cfg.run.evaluate:
         return run_evaluation(cfg, engine, device)
     lock = prepare_run_dir(cfg.run.log_dir, engine)  # held until the run ends (or the process dies)
+    if engine.is_main:
+        config_file.write_args(cfg.run.log_dir, cfg.to_dict())  # --config RUN/args.yaml runs it again
     data = build_input(cfg, engine, device)
     console = Console(engine.is_main, cfg.run.progress)
     console.config(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..argparsing import UsageError
 from ..config import parse_config
+from ..config_file import load, split_config
 
 # The templates are package data; the entry scripts the jobs run are the checkout's, which
 # tools/setup.sh installs editable.
@@ -123,7 +124,7 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
     _word("--partition/--queue", ns.queue)
 
     template = _template(ns, launcher)
-    train_args = _with_engine(list(train_args), ns.engine)
+    train_args = _with_engine(_absolute_config(list(train_args), cwd), ns.engine)
     run_dir = _check_training(train_args, ns.entry, cwd)
     job_name = ns.job_name or f"lb-{run_dir.name}"
     _word("--job-name", job_name)
@@ -157,6 +158,14 @@ def build_request(ns, train_args: list[str], cwd: Path) -> JobRequest:
     )
 
 
+def _absolute_config(train_args: list[str], cwd: Path) -> list[str]:
+    """--config FILE as an absolute path: the job script runs from elsewhere, hours later."""
+    config_path, rest = split_config(train_args)
+    if config_path is None:
+        return train_args
+    return ["--config", os.path.abspath(cwd / config_path), *rest]
+
+
 def _with_engine(train_args: list[str], engine: str) -> list[str]:
     """The training arguments with the job's --engine, said once."""
     given = [
@@ -187,6 +196,10 @@ def _check_training(train_args: list[str], entry: str, cwd: Path) -> Path:
     if not train_args:
         raise UsageError("no training arguments: put them after '--', e.g. -- --train-dir T --val-dir V --log-dir RUN")
     flags = {a.split("=", 1)[0] for a in train_args if a.startswith("--")}
+    config_path, _ = split_config(list(train_args))
+    from_file = load(config_path) if config_path is not None else {}
+    if {str(k).lstrip("-").replace("_", "-") for k in from_file} & {"log-dir"}:
+        flags.add("--log-dir")
     if "--log-dir" not in flags:
         raise UsageError(
             "the training arguments need --log-dir RUN_DIR: the job keeps its checkpoints, "
