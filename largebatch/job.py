@@ -57,8 +57,6 @@ def run_with_engine(engine: Engine, cfg: Config, stop: StopRequest) -> int:
     if cfg.run.evaluate:
         return run_evaluation(cfg, engine, device)
     lock = prepare_run_dir(cfg.run.log_dir, engine)  # held until the run ends (or the process dies)
-    if engine.is_main:
-        config_file.write_args(cfg.run.log_dir, cfg.to_dict())  # --config RUN/args.yaml runs it again
     data = build_input(cfg, engine, device)
     console = Console(engine.is_main, cfg.run.progress)
     console.config(
@@ -84,6 +82,8 @@ def run_with_engine(engine: Engine, cfg: Config, stop: StopRequest) -> int:
         )
         return 0
 
+    if engine.is_main:  # once the run is sure to train: a refused or finished one writes nothing
+        config_file.write_args(cfg.run.log_dir, cfg.to_dict())  # --config RUN/args.yaml trains it again
     step = state.position.step
     board = Board(cfg.run.log_dir, engine.is_main, purge_step=step + 1 if step else None)
     profiler = StepProfiler(
