@@ -259,3 +259,24 @@ def test_a_train_dir_that_is_a_file_says_so(tmp_path):
 def test_step_decay_at_an_infinite_epoch_is_refused(digits, tmp_path, value):
     proc = run_in_process(job_args(digits, tmp_path / "run", "--lr-schedule", "step", "--lr-decay-epochs", value))
     assert_usage_error(proc, "--lr-decay-epochs", "increasing positive epochs")
+
+
+@pytest.mark.mpi
+def test_lost_manifest_of_a_two_process_horovod_run(straight_runs, digits, tmp_path):
+    """The same on Horovod, 2 processes under mpirun: the manifest and the newest checkpoint
+    gone, the run rebuilds the manifest, resumes from the older one and ends bit for bit where
+    the uninterrupted run ended."""
+    reference = straight_runs("horovod")
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    (run_dir / checkpoint.MANIFEST).unlink()
+    (run_dir / "checkpoint-2.pth.tar").unlink()
+    proc = run_job(job_args(digits, run_dir, *reference.flags, "--engine", "horovod"))
+    assert "was missing; rebuilt it from the 1 verified checkpoint file(s)" in proc.stderr, proc.stderr[-2000:]
+    assert f"resuming from {run_dir / 'checkpoint-1-step15.pth.tar'} (epoch 1, step 15)" in proc.stdout
+    a, b = (
+        load_checkpoint(reference.run_dir / "checkpoint-2.pth.tar"),
+        load_checkpoint(run_dir / "checkpoint-2.pth.tar"),
+    )
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
