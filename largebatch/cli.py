@@ -8,9 +8,8 @@ from pathlib import Path
 
 from .argparsing import UsageError
 from .config import parse_config
+from .launch import EXIT_DIR
 from .stop import StopRequest
-
-EXIT_DIR = "LARGEBATCH_EXIT_DIR"  # set by largebatch.launch (which imports nothing of ours: keep the names equal)
 
 
 def main(entry: str, argv: list[str] | None = None) -> int:
